@@ -1,0 +1,194 @@
+"""What both model files share: the PreTrainedModel base, the output type, the KV cache and P-tuning prefix.
+
+The model math lives in modeling_glm2.py (ChatGLM2-6B) and modeling_glm.py (ChatGLM-6B). This module holds
+the transformers plumbing around it: weight init, loading/saving through chatglm.loading, generation input
+preparation, and the P-tuning v2 prefix encoder that turns `pre_seq_len` learned vectors into per-layer KV.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import DynamicCache, GenerationMixin, PreTrainedModel
+from transformers.utils import ModelOutput
+
+from .chat import ChatMixin
+from .configuration_chatglm import ChatGLMConfig
+
+
+@dataclass
+class ChatGLMOutput(ModelOutput):
+    """Causal-LM output. The KV cache is the `cache` field (the name current transformers generation reads)
+    and is also readable as `past_key_values` (the original chat API's name)."""
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    cache: DynamicCache | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
+
+    @property
+    def past_key_values(self) -> DynamicCache | None:
+        return self.cache
+
+
+class PrefixEncoder(nn.Module):
+    """P-tuning v2: `pre_seq_len` trainable vectors expanded into a key and a value for every layer.
+
+    Without projection the per-layer keys/values are looked up directly; with `prefix_projection` a
+    two-layer tanh MLP produces them from a hidden_size embedding (the original's two variants, with the
+    same parameter names `embedding`, `trans.0`, `trans.2`).
+    """
+
+    def __init__(self, config: ChatGLMConfig) -> None:
+        super().__init__()
+        self.pre_seq_len = config.pre_seq_len
+        self.num_layers = config.num_layers
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        kv_size = config.num_layers * config.num_key_value_heads * config.head_dim * 2
+        self.prefix_projection = config.prefix_projection
+        if config.prefix_projection:
+            # v2 embeds straight into kv_size before the MLP, v1 into hidden_size (as the originals do).
+            embed_dim = kv_size if config.version == 2 else config.hidden_size
+            self.embedding = nn.Embedding(config.pre_seq_len, embed_dim)
+            self.trans = nn.Sequential(
+                nn.Linear(embed_dim, config.hidden_size), nn.Tanh(), nn.Linear(config.hidden_size, kv_size)
+            )
+        else:
+            self.embedding = nn.Embedding(config.pre_seq_len, kv_size)
+        self.dropout = nn.Dropout(0.1)
+
+    def forward(self, batch_size: int, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        tokens = torch.arange(self.pre_seq_len, device=self.embedding.weight.device)
+        prefix = self.embedding(tokens)
+        if self.prefix_projection:
+            prefix = self.trans(prefix)
+        prefix = self.dropout(prefix.to(dtype))
+        # [pre, layers·2·kv_heads·d] -> per layer (key, value) each [batch, kv_heads, pre, d]
+        prefix = prefix.view(self.pre_seq_len, self.num_layers * 2, self.num_kv_heads, self.head_dim)
+        prefix = prefix.permute(1, 2, 0, 3).unsqueeze(1).expand(-1, batch_size, -1, -1, -1)
+        return [(prefix[2 * i], prefix[2 * i + 1]) for i in range(self.num_layers)]
+
+
+def prepare_cache(
+    cache: DynamicCache | None,
+    prefix_encoder: PrefixEncoder | None,
+    batch_size: int,
+    dtype: torch.dtype,
+) -> DynamicCache:
+    """Return a cache to write into: the caller's, or a new one holding the P-tuning prefix if any."""
+    if cache is None:
+        cache = DynamicCache()
+    if prefix_encoder is not None and cache.get_seq_length() == 0:
+        for layer_idx, (key, value) in enumerate(prefix_encoder(batch_size, dtype)):
+            cache.update(key, value, layer_idx)
+    return cache
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token cross entropy in fp32; label -100 is ignored (the prompt part in fine-tuning)."""
+    shift_logits = logits[:, :-1, :].float()
+    shift_labels = labels[:, 1:].to(logits.device)
+    return F.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1), ignore_index=-100)
+
+
+class ChatGLMPreTrainedModel(PreTrainedModel, GenerationMixin, ChatMixin):
+    """Base of both generations' models: init, loading/saving in the official layout, generation glue."""
+
+    config_class = ChatGLMConfig
+    base_model_prefix = "transformer"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["GLMBlock", "GLM2Block"]
+    _supports_sdpa = True
+    main_input_name = "input_ids"
+
+    @classmethod
+    def can_generate(cls) -> bool:
+        # transformers looks for GenerationMixin among the *direct* bases of the concrete class only.
+        return True
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = 0.02
+        if isinstance(module, nn.Linear):
+            if module.weight.device.type != "meta":
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            if module.weight.device.type != "meta":
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+
+    # -- cache helpers ----------------------------------------------------------------------------------------
+
+    @property
+    def prefix_length(self) -> int:
+        """Cache slots taken by the P-tuning prefix (they precede every token)."""
+        return self.config.pre_seq_len or 0
+
+    def past_length(self, cache: DynamicCache | None) -> int:
+        """Tokens already in the cache, not counting the P-tuning prefix."""
+        if cache is None:
+            return 0
+        length = cache.get_seq_length()
+        return max(length - self.prefix_length, 0) if length else 0
+
+    # -- loading and saving -----------------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, *model_args: Any, **kwargs: Any) -> "ChatGLMPreTrainedModel":
+        """Load a ChatGLM / ChatGLM2 checkpoint (local folder or hub id); see `chatglm.loading.load_pretrained`."""
+        from .loading import load_pretrained
+
+        if model_args:
+            raise TypeError("positional model arguments are not supported; pass keyword arguments")
+        return load_pretrained(pretrained_model_name_or_path, model_class=cls, **kwargs)
+
+    def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
+        """Write config.json and safetensors shards that `from_pretrained` reads back identically."""
+        from .loading import save_pretrained
+
+        save_pretrained(self, save_directory, **kwargs)
+
+    # -- generation glue --------------------------------------------------------------------------------------
+
+    def _position_ids_for_generation(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def prepare_inputs_for_generation(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.LongTensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> dict[str, Any]:
+        """Feed only the tokens the cache has not seen, with positions derived from the whole sequence.
+
+        Positions are recomputed from input_ids and the padding mask at every step (not incremented by
+        transformers), because ChatGLM-6B's 2-D positions do not simply count up.
+        """
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        past = self.past_length(cache)
+        # Any position_ids transformers prepared are plain counters; ours know about padding and 2-D GLM positions.
+        position_ids = self._position_ids_for_generation(input_ids, attention_mask)
+        model_inputs: dict[str, Any] = {
+            "input_ids": input_ids[:, past:],
+            "position_ids": position_ids[..., past:],
+            "attention_mask": attention_mask,
+            "past_key_values": cache,
+            "use_cache": kwargs.get("use_cache", True),
+            "return_last_logit": True,
+        }
+        if inputs_embeds is not None and past == 0:
+            model_inputs["inputs_embeds"] = inputs_embeds
+            model_inputs["input_ids"] = None
+        return model_inputs
+
+    def _reorder_cache(self, past_key_values: DynamicCache, beam_idx: torch.LongTensor) -> DynamicCache:
+        past_key_values.reorder_cache(beam_idx)
+        return past_key_values
