@@ -16,6 +16,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import math
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -267,6 +268,8 @@ def load_state_into(
                     f"{path}: the index lists {len(absent)} tensors that the file does not hold, e.g. {sorted(absent)[0]}"
                 )
         gc.collect()
+    if hasattr(model, "tie_lm_head"):
+        model.tie_lm_head()
     missing = _materialize_remaining(model, device, dtype)
     if missing:
         shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
@@ -304,8 +307,10 @@ def load_pretrained(
         quantize: 4 or 8 to quantize a float checkpoint while it loads (weight-only, the official format).
     Config fields can be overridden by keyword (e.g. pre_seq_len=128), as with transformers.
     """
-    for ignored in ("trust_remote_code", "low_cpu_mem_usage", "use_safetensors", "_from_auto", "_commit_hash",
-                    "attn_implementation", "resume_download", "force_download", "proxies", "subfolder"):
+    # Arguments transformers' Auto classes and callers of the original pass along; none changes how we load.
+    for ignored in ("trust_remote_code", "low_cpu_mem_usage", "use_safetensors", "_from_auto", "_from_pipeline",
+                    "_commit_hash", "attn_implementation", "resume_download", "force_download", "proxies",
+                    "subfolder", "adapter_kwargs", "adapter_name", "code_revision", "empty_init"):
         kwargs.pop(ignored, None)
     folder = resolve_model_dir(
         name_or_path, revision=revision, cache_dir=cache_dir, token=token, local_files_only=local_files_only
@@ -353,8 +358,6 @@ def load_pretrained(
         model.config.quantization_bit = bits
     skip = {"lm_head.weight"} if config.version == 1 and config.tie_word_embeddings else set()
     load_state_into(model, files, dtype=target_dtype, device=target_device, skip=skip)
-    if skip:
-        model.lm_head.weight = model.transformer.word_embeddings.weight
     for module in model.modules():
         post_load = getattr(module, "post_load", None)
         if callable(post_load) and module is not model:
@@ -449,3 +452,64 @@ def save_pretrained(
             "weight_map": {key: name for name, shard in zip(names, shards) for key in shard},
         }
         (folder / (SAFE_INDEX if safe_serialization else BIN_INDEX)).write_text(json.dumps(index, indent=2))
+
+
+def official_storage_dtype(key: str, tensor_dtype: torch.dtype, version: int) -> torch.dtype:
+    """The dtype the published checkpoints store a tensor in: fp16, except ChatGLM-6B's LayerNorms (fp32)
+    and quantized int8 tensors."""
+    if not tensor_dtype.is_floating_point:
+        return tensor_dtype
+    if version == 1 and "layernorm" in key:
+        return torch.float32
+    return torch.float16
+
+
+def write_official_layout(
+    folder: str | os.PathLike,
+    shapes: dict[str, tuple[tuple[int, ...], torch.dtype]],
+    make_tensor: Any,
+    *,
+    num_shards: int,
+    index_total_size: int | None = None,
+) -> None:
+    """Write `pytorch_model-0000i-of-0000N.bin` shards plus `pytorch_model.bin.index.json`, as THUDM did.
+
+    shapes: tensor name -> (shape, stored dtype), in checkpoint order; make_tensor(name) builds each tensor
+    when its shard is written, so a 6B-shaped checkpoint never sits in memory whole. Shards are balanced
+    by bytes and a layer may straddle two shards, like the real ones. index_total_size lets a caller
+    reproduce a stale total (ChatGLM-6B's index still counts its pre-2023-04 vocabulary).
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    sizes = {key: math.prod(shape) * torch.empty((), dtype=dtype).element_size() for key, (shape, dtype) in shapes.items()}
+    total = sum(sizes.values())
+    target = total / num_shards
+    groups: list[list[str]] = [[]]
+    acc = 0
+    for key in shapes:
+        if groups[-1] and acc >= target * len(groups) and len(groups) < num_shards:
+            groups.append([])
+        groups[-1].append(key)
+        acc += sizes[key]
+    while len(groups) < num_shards:
+        # Too few tensors to fill every shard by size: split the largest group.
+        largest = max(range(len(groups)), key=lambda i: len(groups[i]))
+        half = max(1, len(groups[largest]) // 2)
+        groups.insert(largest + 1, groups[largest][half:])
+        groups[largest] = groups[largest][:half]
+    weight_map = {}
+    for i, keys in enumerate(groups):
+        name = f"pytorch_model-{i + 1:05d}-of-{num_shards:05d}.bin"
+        shard = {}
+        for key in keys:
+            shape, dtype = shapes[key]
+            tensor = make_tensor(key)
+            if tuple(tensor.shape) != tuple(shape):
+                raise ValueError(f"make_tensor({key}) returned shape {tuple(tensor.shape)}, expected {tuple(shape)}")
+            shard[key] = tensor.to(dtype).contiguous()
+            weight_map[key] = name
+        torch.save(shard, folder / name)
+        del shard
+        gc.collect()
+    index = {"metadata": {"total_size": index_total_size or total}, "weight_map": weight_map}
+    (folder / BIN_INDEX).write_text(json.dumps(index, indent=2))

@@ -220,12 +220,16 @@ class GLMForConditionalGeneration(ChatGLMPreTrainedModel):
         super().__init__(config)
         self.transformer = GLMModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        if config.tie_word_embeddings:
-            self.lm_head.weight = self.transformer.word_embeddings.weight
+        self.tie_lm_head()
         if config.pre_seq_len:
             for name, param in self.named_parameters():
                 param.requires_grad = name.startswith("transformer.prefix_encoder.")
         self.post_init()
+
+    def tie_lm_head(self) -> None:
+        """Share the word embedding matrix with lm_head (again after loading replaced it)."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.transformer.word_embeddings.weight
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.transformer.word_embeddings
