@@ -63,3 +63,15 @@ def ice_text_model() -> Path:
     if not ICE_TEXT_MODEL.is_file():
         pytest.skip(f"the real chatglm-6b tokenizer is not at {ICE_TEXT_MODEL}")
     return ICE_TEXT_MODEL
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked slow run only with RUN_SLOW=1, so the default suite stays within minutes."""
+    import os
+
+    if os.environ.get("RUN_SLOW") == "1":
+        return
+    skip_slow = pytest.mark.skip(reason="slow; set RUN_SLOW=1 to run")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip_slow)
