@@ -60,6 +60,15 @@ def glm_position_ids(
     return torch.stack([positions, block_positions], dim=1)
 
 
+def padding_mask_from_glm_mask(mask: torch.Tensor) -> torch.Tensor:
+    """[batch, 1, L, L] bool (True = masked, the original tokenizer's prefix-LM mask) -> [batch, L] 1/0 padding mask.
+
+    The last row of a left-padded prefix-LM mask sees every real token and no padding, so it is exactly
+    the key padding mask; the prefix-LM structure itself is rebuilt from the `<sop>` position.
+    """
+    return (~mask[:, 0, -1, :].bool()).long()
+
+
 class GLMRotaryEmbedding(nn.Module):
     """RoPE of dim head_dim/2 in rotate-half layout; applied twice (positions, block positions).
 
@@ -240,6 +249,13 @@ class GLMForConditionalGeneration(ChatGLMPreTrainedModel):
     def get_output_embeddings(self) -> nn.Linear:
         return self.lm_head
 
+    def generate(self, *args: Any, attention_mask: torch.Tensor | None = None, **kwargs: Any):  # noqa: ANN201
+        """transformers' generate, also accepting the tokenizer's 4-D prefix-LM mask and [b, 2, L] positions."""
+        if attention_mask is not None and attention_mask.dim() == 4:
+            attention_mask = padding_mask_from_glm_mask(attention_mask)
+        kwargs.pop("position_ids", None)  # recomputed every step from the ids and the padding mask
+        return super().generate(*args, attention_mask=attention_mask, **kwargs)
+
     def _position_ids_for_generation(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         # The mask may also cover tokens held in the cache; positions come from this sequence alone.
         token_mask = attention_mask[:, -input_ids.shape[1] :] if attention_mask is not None else None
@@ -283,6 +299,8 @@ class GLMForConditionalGeneration(ChatGLMPreTrainedModel):
         """
         if output_attentions:
             raise NotImplementedError("output_attentions is not available: attention runs in fused SDPA kernels")
+        if attention_mask is not None and attention_mask.dim() == 4:
+            attention_mask = padding_mask_from_glm_mask(attention_mask)
         use_cache = self.config.use_cache if use_cache is None else use_cache
         output_hidden_states = bool(output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states)
         model = self.transformer
