@@ -38,6 +38,38 @@ def is_complete_text(text: str) -> bool:
     return bool(text) and not text.endswith("\ufffd")
 
 
+class IncrementalDecoder:
+    """Token ids in, text deltas out, decoding only a short window per token instead of the whole answer.
+
+    Each step decodes the tokens since the last emitted boundary twice, with and without the newest ones,
+    and emits the difference once it no longer ends in a partial UTF-8 character. Decoding a window rather
+    than a lone token keeps SentencePiece's word-initial spaces right.
+    """
+
+    def __init__(self, tokenizer) -> None:  # noqa: ANN001
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.text = ""
+        self._prefix_offset = 0
+        self._read_offset = 0
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        window = self.ids[self._prefix_offset :]
+        before = self.tokenizer.decode(self.ids[self._prefix_offset : self._read_offset]) if self._read_offset > self._prefix_offset else ""
+        after = self.tokenizer.decode(window)
+        if len(after) > len(before) and is_complete_text(after) and after.startswith(before):
+            delta = after[len(before) :]
+            self._prefix_offset, self._read_offset = self._read_offset, len(self.ids)
+            self.text += delta
+            return delta
+        return ""
+
+    def final_text(self) -> str:
+        """Everything decoded, minus a replacement char left by a character cut off at the end."""
+        return self.tokenizer.decode(self.ids).rstrip("\ufffd")
+
+
 class ChatMixin:
     """Adds the original `chat` / `stream_chat` API to a ChatGLM model class."""
 
@@ -115,7 +147,8 @@ class ChatMixin:
             top_k=kwargs.get("top_k", 0),
             repetition_penalty=kwargs.get("repetition_penalty", 1.0),
         )
-        processors = list(logits_processor or []) + [InvalidScoreLogitsProcessor()]
+        # The guard looks at the model's own scores, before user processors that may mask with -inf on purpose.
+        processors = [InvalidScoreLogitsProcessor()] + list(logits_processor or [])
 
         continuing = past_key_values is not None or return_past_key_values
         if version == 2 and continuing:
@@ -128,8 +161,8 @@ class ChatMixin:
 
         eos_ids = self.config.eos_token_id
         eos_ids = list(eos_ids) if isinstance(eos_ids, (list, tuple)) else [eos_ids]
-        generated: list[int] = []
-        last_text = ""
+        decoder = IncrementalDecoder(tokenizer)
+        yielded = False
         cache = past_key_values
         ended_by_eos = False
         steps = generate_tokens(
@@ -143,14 +176,13 @@ class ChatMixin:
             if token in eos_ids:
                 ended_by_eos = True
                 break
-            generated.append(token)
-            text = tokenizer.decode(generated)
-            if text != last_text and is_complete_text(text):
-                last_text = text
-                response = process_response(version, text)
+            if decoder.push(token):
+                response = process_response(version, decoder.text)
                 new_history = history + [(query, response)]
+                yielded = True
                 yield (response, new_history, cache) if return_past_key_values else (response, new_history)
         steps.close()
+        generated = decoder.ids
         if return_past_key_values and generated and not ended_by_eos:
             # The loop never feeds its last token; run it so the cache covers the whole answer.
             self(
@@ -160,9 +192,9 @@ class ChatMixin:
                 use_cache=True,
                 return_last_logit=True,
             )
-        # A length limit can cut a multi-byte character in half; drop the dangling replacement char.
-        final_text = tokenizer.decode(generated).rstrip("\ufffd")
+        final_text = decoder.final_text()
         response = process_response(version, final_text)
-        if final_text != last_text or not generated:
+        # Always end on the final text, also when nothing printable was generated (chat() needs an item).
+        if final_text != decoder.text or not yielded:
             new_history = history + [(query, response)]
             yield (response, new_history, cache) if return_past_key_values else (response, new_history)

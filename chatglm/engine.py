@@ -19,7 +19,7 @@ import torch
 from transformers import DynamicCache
 
 from . import prompt as prompts
-from .chat import CHAT_DEFAULTS, History, is_complete_text, process_response
+from .chat import CHAT_DEFAULTS, History, IncrementalDecoder, process_response
 from .generation import InvalidScoreLogitsProcessor, SamplingParams, generate_tokens
 
 EMBEDDED_MODEL_DIR = Path(__file__).parent / "assets" / "tiny-chatglm2"
@@ -217,7 +217,7 @@ class ChatEngine:
             generator = torch.Generator(device=self.model.device).manual_seed(seed)
         eos = self.model.config.eos_token_id
         eos_ids = list(eos) if isinstance(eos, (list, tuple)) else [eos]
-        generated: list[int] = []
+        decoder = IncrementalDecoder(self.tokenizer)
         emitted = ""
         finish_reason = "length"
         with self.lock:
@@ -231,10 +231,12 @@ class ChatEngine:
                     if token in eos_ids:
                         finish_reason = "stop"
                         break
-                    generated.append(token)
-                    text = self.tokenizer.decode(generated)
-                    if not is_complete_text(text):
+                    if cancelled is not None and cancelled():
+                        finish_reason = "cancelled"
+                        break
+                    if not decoder.push(token):
                         continue
+                    text = decoder.text
                     cut = min((text.find(s) for s in stop if s in text), default=-1)
                     if cut >= 0:
                         finish_reason = "stop"
@@ -255,10 +257,10 @@ class ChatEngine:
                 steps.close()
         if finish_reason == "length":
             # Flush what was held back for a stop string that never came.
-            text = self.tokenizer.decode(generated).rstrip("\ufffd")
+            text = decoder.final_text()
             if len(text) > len(emitted) and text.startswith(emitted):
                 yield CompletionChunk(text[len(emitted) :])
-        yield CompletionChunk("", finish_reason, prompt_tokens, len(generated))
+        yield CompletionChunk("", finish_reason, prompt_tokens, len(decoder.ids))
 
     def complete(self, messages: list[dict], **kwargs: Any) -> CompletionChunk:
         """The whole answer at once: `stream_completion` joined."""
