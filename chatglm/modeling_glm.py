@@ -302,6 +302,8 @@ class GLMForConditionalGeneration(ChatGLMPreTrainedModel):
         if attention_mask is not None and attention_mask.dim() == 4:
             attention_mask = padding_mask_from_glm_mask(attention_mask)
         use_cache = self.config.use_cache if use_cache is None else use_cache
+        if self.training and self.transformer.gradient_checkpointing:
+            use_cache = False  # a recomputed layer would append its keys to the cache a second time
         output_hidden_states = bool(output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states)
         model = self.transformer
         if inputs_embeds is None:
@@ -310,7 +312,7 @@ class GLMForConditionalGeneration(ChatGLMPreTrainedModel):
         device = inputs_embeds.device
         cache = cache if cache is not None else past_key_values
         if use_cache or model.prefix_encoder is not None:
-            cache = prepare_cache(cache, model.prefix_encoder, batch, inputs_embeds.dtype)
+            cache = prepare_cache(cache, model.prefix_encoder, batch, inputs_embeds.dtype, use_cache)
         else:
             cache = None
         past = self.past_length(cache)

@@ -240,6 +240,8 @@ class GLM2ForConditionalGeneration(ChatGLMPreTrainedModel):
         if output_attentions:
             raise NotImplementedError("output_attentions is not available: attention runs in fused SDPA kernels")
         use_cache = self.config.use_cache if use_cache is None else use_cache
+        if self.training and self.transformer.encoder.gradient_checkpointing:
+            use_cache = False  # a recomputed layer would append its keys to the cache a second time
         output_hidden_states = bool(output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states)
         model = self.transformer
         if inputs_embeds is None:
@@ -247,7 +249,7 @@ class GLM2ForConditionalGeneration(ChatGLMPreTrainedModel):
         batch, seq = inputs_embeds.shape[:2]
         cache = cache if cache is not None else past_key_values
         if use_cache or model.prefix_encoder is not None:
-            cache = prepare_cache(cache, model.prefix_encoder, batch, inputs_embeds.dtype)
+            cache = prepare_cache(cache, model.prefix_encoder, batch, inputs_embeds.dtype, use_cache)
         else:
             cache = None
         past = self.past_length(cache)
