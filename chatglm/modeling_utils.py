@@ -75,13 +75,42 @@ class PrefixEncoder(nn.Module):
         return [(prefix[2 * i], prefix[2 * i + 1]) for i in range(self.num_layers)]
 
 
+class PrefixKV:
+    """The P-tuning prefix as read-only past keys/values, for a forward pass that keeps no KV cache.
+
+    `update` returns prefix + new keys/values without storing anything. A DynamicCache would append on every
+    call, and gradient checkpointing calls each layer twice (forward, then recompute in backward), so the
+    recomputed layer would see its own keys twice. The original passed the prefix as plain per-layer tensors;
+    this is that, behind the one cache method the attention layers call.
+    """
+
+    def __init__(self, layers: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        self.layers = layers
+
+    def update(
+        self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        prefix_key, prefix_value = self.layers[layer_idx]
+        return torch.cat([prefix_key, key], dim=2), torch.cat([prefix_value, value], dim=2)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.layers[layer_idx][0].shape[2]
+
+
 def prepare_cache(
     cache: DynamicCache | None,
     prefix_encoder: PrefixEncoder | None,
     batch_size: int,
     dtype: torch.dtype,
-) -> DynamicCache:
-    """Return a cache to write into: the caller's, or a new one holding the P-tuning prefix if any."""
+    use_cache: bool = True,
+) -> DynamicCache | PrefixKV | None:
+    """Return the cache the layers read and write: the caller's, or a new one holding the P-tuning prefix.
+
+    Without `use_cache` (training) a fresh pass gets a write-nothing PrefixKV holding only the prefix, or None
+    when there is no prefix; a non-empty cache passed by the caller is still continued.
+    """
+    if not use_cache and (cache is None or cache.get_seq_length() == 0):
+        return PrefixKV(prefix_encoder(batch_size, dtype)) if prefix_encoder is not None else None
     if cache is None:
         cache = DynamicCache()
     if prefix_encoder is not None and cache.get_seq_length() == 0:
