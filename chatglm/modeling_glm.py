@@ -19,7 +19,7 @@ from transformers import DynamicCache
 
 from .configuration_chatglm import ChatGLMConfig
 from .layers import apply_rotary_half, attention, build_attention_mask, rotary_inv_freq
-from .modeling_utils import ChatGLMOutput, ChatGLMPreTrainedModel, PrefixEncoder, causal_lm_loss, prepare_cache
+from .modeling_utils import ChatGLMOutput, ChatGLMPreTrainedModel, PrefixEncoder
 
 
 def glm_position_ids(
@@ -297,47 +297,23 @@ class GLMForConditionalGeneration(ChatGLMPreTrainedModel):
         cache needs them passed (generation does). attention_mask [batch, past+seq]: 1 for real tokens,
         0 for left padding; the prefix-LM structure comes from the position of `<sop>`.
         """
-        if output_attentions:
-            raise NotImplementedError("output_attentions is not available: attention runs in fused SDPA kernels")
         if attention_mask is not None and attention_mask.dim() == 4:
             attention_mask = padding_mask_from_glm_mask(attention_mask)
-        use_cache = self.config.use_cache if use_cache is None else use_cache
-        if self.training and self.transformer.gradient_checkpointing:
-            use_cache = False  # a recomputed layer would append its keys to the cache a second time
-        output_hidden_states = bool(output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states)
         model = self.transformer
         if inputs_embeds is None:
             inputs_embeds = model.word_embeddings(input_ids)
-        batch, seq = inputs_embeds.shape[:2]
+        seq = inputs_embeds.shape[1]
         device = inputs_embeds.device
-        cache = cache if cache is not None else past_key_values
-        if use_cache or model.prefix_encoder is not None:
-            cache = prepare_cache(cache, model.prefix_encoder, batch, inputs_embeds.dtype, use_cache)
-        else:
-            cache = None
-        past = self.past_length(cache)
+        state = self._start_forward(
+            inputs_embeds, attention_mask, cache if cache is not None else past_key_values, use_cache,
+            output_hidden_states, output_attentions, model.prefix_encoder, model.gradient_checkpointing,
+        )
         if position_ids is None:
-            if past or input_ids is None:
+            if state.past or input_ids is None:
                 raise ValueError("position_ids are required when continuing from a KV cache or feeding inputs_embeds")
             token_mask = attention_mask[:, -seq:] if attention_mask is not None else None
             position_ids = glm_position_ids(input_ids, token_mask, self.config)
-
-        key_padding = attention_mask
-        if self.prefix_length and key_padding is not None:
-            key_padding = torch.cat([key_padding.new_ones(batch, self.prefix_length), key_padding], dim=-1)
-        key_length = self.prefix_length + past + seq
-        if key_padding is not None and key_padding.shape[-1] != key_length:
-            raise ValueError(
-                f"attention_mask covers {key_padding.shape[-1] - self.prefix_length} tokens, but the cache holds "
-                f"{past} and {seq} are new"
-            )
-        context_end = self._context_end(input_ids, seq, past, key_length, device)
-        mask, is_causal = build_attention_mask(key_padding, seq, key_length, context_end, device=device)
-
-        hidden_states, all_hidden = model(inputs_embeds, position_ids, mask, is_causal, cache, output_hidden_states)
-        if return_last_logit:
-            hidden_states = hidden_states[:, -1:]
-        logits = self.lm_head(hidden_states)
-        loss = causal_lm_loss(logits, labels) if labels is not None else None
-        returned_cache = cache if use_cache else None
-        return ChatGLMOutput(loss=loss, logits=logits, cache=returned_cache, hidden_states=all_hidden)
+        context_end = self._context_end(input_ids, seq, state.past, state.key_length, device)
+        mask, is_causal = build_attention_mask(state.key_padding, seq, state.key_length, context_end, device=device)
+        hidden_states, all_hidden = model(inputs_embeds, position_ids, mask, is_causal, state.cache, state.output_hidden_states)
+        return self._finish_forward(hidden_states, all_hidden, self.lm_head, labels, return_last_logit, state)

@@ -17,7 +17,7 @@ from transformers import DynamicCache
 
 from .configuration_chatglm import ChatGLMConfig
 from .layers import RMSNorm, apply_rotary_interleaved, attention, build_attention_mask, rotary_cos_sin, rotary_inv_freq
-from .modeling_utils import ChatGLMOutput, ChatGLMPreTrainedModel, PrefixEncoder, causal_lm_loss, prepare_cache
+from .modeling_utils import ChatGLMOutput, ChatGLMPreTrainedModel, PrefixEncoder
 
 
 class GLM2Embedding(nn.Module):
@@ -237,41 +237,19 @@ class GLM2ForConditionalGeneration(ChatGLMPreTrainedModel):
         position_ids default to past_length + arange(seq); attention_mask [batch, past+seq] marks real
         tokens (1) and left padding (0). With `labels`, the next-token loss is returned too.
         """
-        if output_attentions:
-            raise NotImplementedError("output_attentions is not available: attention runs in fused SDPA kernels")
-        use_cache = self.config.use_cache if use_cache is None else use_cache
-        if self.training and self.transformer.encoder.gradient_checkpointing:
-            use_cache = False  # a recomputed layer would append its keys to the cache a second time
-        output_hidden_states = bool(output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states)
         model = self.transformer
         if inputs_embeds is None:
             inputs_embeds = model.embedding(input_ids)
         batch, seq = inputs_embeds.shape[:2]
-        cache = cache if cache is not None else past_key_values
-        if use_cache or model.prefix_encoder is not None:
-            cache = prepare_cache(cache, model.prefix_encoder, batch, inputs_embeds.dtype, use_cache)
-        else:
-            cache = None
-        past = self.past_length(cache)
+        state = self._start_forward(
+            inputs_embeds, attention_mask, cache if cache is not None else past_key_values, use_cache,
+            output_hidden_states, output_attentions, model.prefix_encoder, model.encoder.gradient_checkpointing,
+        )
         if position_ids is None:
-            position_ids = torch.arange(past, past + seq, device=inputs_embeds.device).expand(batch, seq)
+            position_ids = torch.arange(state.past, state.past + seq, device=inputs_embeds.device).expand(batch, seq)
         cos, sin = model.rotary_pos_emb(position_ids, inputs_embeds.dtype)
-
-        key_padding = attention_mask
-        if self.prefix_length and key_padding is not None:
-            key_padding = torch.cat([key_padding.new_ones(batch, self.prefix_length), key_padding], dim=-1)
-        key_length = self.prefix_length + past + seq
-        if key_padding is not None and key_padding.shape[-1] != key_length:
-            raise ValueError(
-                f"attention_mask covers {key_padding.shape[-1] - self.prefix_length} tokens, but the cache holds "
-                f"{past} and {seq} are new"
-            )
-        mask, is_causal = build_attention_mask(key_padding, seq, key_length, device=inputs_embeds.device)
-
-        hidden_states, all_hidden = model.encoder(inputs_embeds, cos, sin, mask, is_causal, cache, output_hidden_states)
-        if return_last_logit:
-            hidden_states = hidden_states[:, -1:]
-        logits = model.output_layer(hidden_states)
-        loss = causal_lm_loss(logits, labels) if labels is not None else None
-        returned_cache = cache if use_cache else None
-        return ChatGLMOutput(loss=loss, logits=logits, cache=returned_cache, hidden_states=all_hidden)
+        mask, is_causal = build_attention_mask(state.key_padding, seq, state.key_length, device=inputs_embeds.device)
+        hidden_states, all_hidden = model.encoder(
+            inputs_embeds, cos, sin, mask, is_causal, state.cache, state.output_hidden_states
+        )
+        return self._finish_forward(hidden_states, all_hidden, model.output_layer, labels, return_last_logit, state)

@@ -119,6 +119,18 @@ def prepare_cache(
     return cache
 
 
+@dataclass
+class ForwardState:
+    """What a forward pass knows after opening the cache: where its keys sit and what to return."""
+
+    cache: DynamicCache | PrefixKV | None
+    use_cache: bool
+    output_hidden_states: bool
+    past: int  # tokens already in the cache, P-tuning prefix excluded
+    key_padding: torch.Tensor | None  # [batch, key_length], 1 = real token
+    key_length: int
+
+
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Next-token cross entropy in fp32; label -100 is ignored (the prompt part in fine-tuning)."""
     shift_logits = logits[:, :-1, :].float()
@@ -165,6 +177,60 @@ class ChatGLMPreTrainedModel(PreTrainedModel, GenerationMixin, ChatMixin):
             return 0
         length = cache.get_seq_length()
         return max(length - self.prefix_length, 0) if length else 0
+
+    # -- what both forwards do around the layer stack ------------------------------------------------------------
+
+    def _start_forward(
+        self,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        cache: DynamicCache | None,
+        use_cache: bool | None,
+        output_hidden_states: bool | None,
+        output_attentions: bool | None,
+        prefix_encoder: PrefixEncoder | None,
+        checkpointing: bool,
+    ) -> "ForwardState":
+        """Open the KV cache (with the P-tuning prefix) and line the padding mask up with the cache's keys."""
+        if output_attentions:
+            raise NotImplementedError("output_attentions is not available: attention runs in fused SDPA kernels")
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if self.training and checkpointing:
+            use_cache = False  # a recomputed layer would append its keys to the cache a second time
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
+        batch, seq = inputs_embeds.shape[:2]
+        if use_cache or prefix_encoder is not None:
+            cache = prepare_cache(cache, prefix_encoder, batch, inputs_embeds.dtype, use_cache)
+        else:
+            cache = None
+        past = self.past_length(cache)
+        key_padding = attention_mask
+        if self.prefix_length and key_padding is not None:
+            key_padding = torch.cat([key_padding.new_ones(batch, self.prefix_length), key_padding], dim=-1)
+        key_length = self.prefix_length + past + seq
+        if key_padding is not None and key_padding.shape[-1] != key_length:
+            raise ValueError(
+                f"attention_mask covers {key_padding.shape[-1] - self.prefix_length} tokens, but the cache holds "
+                f"{past} and {seq} are new"
+            )
+        return ForwardState(cache, use_cache, bool(output_hidden_states), past, key_padding, key_length)
+
+    @staticmethod
+    def _finish_forward(
+        hidden_states: torch.Tensor,
+        all_hidden: tuple[torch.Tensor, ...] | None,
+        head: nn.Module,
+        labels: torch.Tensor | None,
+        return_last_logit: bool,
+        state: "ForwardState",
+    ) -> ChatGLMOutput:
+        if return_last_logit:
+            hidden_states = hidden_states[:, -1:]
+        logits = head(hidden_states)
+        loss = causal_lm_loss(logits, labels) if labels is not None else None
+        cache = state.cache if state.use_cache else None
+        return ChatGLMOutput(loss=loss, logits=logits, cache=cache, hidden_states=all_hidden)
 
     # -- loading and saving -----------------------------------------------------------------------------------
 
