@@ -13,7 +13,6 @@ instead of trusted; ChatGLM-6B stores `lm_head.weight` although it is the word e
 
 from __future__ import annotations
 
-import gc
 import json
 import logging
 import math
@@ -267,7 +266,6 @@ def load_state_into(
                 raise CheckpointError(
                     f"{path}: the index lists {len(absent)} tensors that the file does not hold, e.g. {sorted(absent)[0]}"
                 )
-        gc.collect()
     if hasattr(model, "tie_lm_head"):
         model.tie_lm_head()
     missing = _materialize_remaining(model, device, dtype)
@@ -510,6 +508,5 @@ def write_official_layout(
             weight_map[key] = name
         torch.save(shard, folder / name)
         del shard
-        gc.collect()
     index = {"metadata": {"total_size": index_total_size or total}, "weight_map": weight_map}
     (folder / BIN_INDEX).write_text(json.dumps(index, indent=2))

@@ -165,7 +165,7 @@ def test_glm_2d_positions_follow_gmask_and_sop():
 
 def assert_logits_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
     """Equal up to fp32 round-off: 1e-5 of the logits' own scale (they reach ~10 in these tiny models)."""
-    scale = max(1.0, float(expected.abs().max()))
+    scale = max(1.0, float(expected.detach().abs().max()))
     torch.testing.assert_close(actual, expected, atol=1e-5 * scale, rtol=0)
 
 
