@@ -232,6 +232,29 @@ class ChatGLMPreTrainedModel(PreTrainedModel, GenerationMixin, ChatMixin):
         cache = state.cache if state.use_cache else None
         return ChatGLMOutput(loss=loss, logits=logits, cache=cache, hidden_states=all_hidden)
 
+    # -- quantization ----------------------------------------------------------------------------------------------
+
+    def quantize(self, bits: int, empty_init: bool = False, **kwargs: Any) -> "ChatGLMPreTrainedModel":
+        """Swap the four Linear layers of every block for int4/int8 weight-only ones (the official format).
+
+        Returns the model, so `from_pretrained(...).quantize(4).cuda()` chains as in the original README;
+        bits 0 leaves the model as it is. `empty_init` builds empty quantized layers for loading int weights.
+        Extra keyword arguments of the original signature (device, use_quantization_cache, ...) are accepted
+        and have no effect.
+        """
+        if bits == 0:
+            return self
+        current = self.config.quantization_bit or 0
+        if current == bits:
+            return self
+        if current:
+            raise ValueError(f"the model is already quantized to int{current}; reload it to quantize to int{bits}")
+        from .quantization import quantize_model
+
+        quantize_model(self, bits, empty_init=empty_init)
+        self.config.quantization_bit = bits
+        return self
+
     # -- loading and saving -----------------------------------------------------------------------------------
 
     @classmethod
