@@ -121,12 +121,25 @@ def attention(
 
     query: [b, hq, s, d]; key/value: [b, hkv, t, d] with hq a multiple of hkv; returns [b, s, hq·d].
     """
-    groups = query.shape[1] // key.shape[1]
-    if groups > 1:
+    batch, num_heads, seq, head_dim = query.shape
+    groups = num_heads // key.shape[1]
+    scale = 1.0 / math.sqrt(head_dim)
+    if groups > 1 and mask is None and not is_causal:
+        # Decoding (every query sees every key): fold the heads that share a K/V group into the query axis,
+        # so each group's keys are read once instead of being copied per head.
+        grouped = query.reshape(batch, key.shape[1], groups * seq, head_dim)
+        out = F.scaled_dot_product_attention(grouped, key, value, dropout_p=dropout_p, scale=scale)
+        return out.view(batch, num_heads, seq, head_dim).transpose(1, 2).flatten(2)
+    if groups > 1 and not _SDPA_HAS_GQA:
         # Query head h reads K/V group h // groups (consecutive heads share a group).
         key = key.repeat_interleave(groups, dim=1)
         value = value.repeat_interleave(groups, dim=1)
+    gqa = {"enable_gqa": True} if groups > 1 and _SDPA_HAS_GQA else {}
     out = F.scaled_dot_product_attention(
-        query, key, value, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal, scale=1.0 / math.sqrt(query.shape[-1])
+        query, key, value, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, **gqa
     )
     return out.transpose(1, 2).flatten(2)
+
+
+# torch >= 2.5 lets SDPA read grouped K/V heads directly (enable_gqa).
+_SDPA_HAS_GQA = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)

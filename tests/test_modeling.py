@@ -296,3 +296,17 @@ def test_low_precision_forward_stays_close_to_fp32(tiny_v2, dtype):
     assert torch.isfinite(out).all()
     # bf16 keeps 8 bits of mantissa; the tiny model's logits agree to a few percent of their spread.
     assert (out - reference).abs().max() < 0.1 * reference.abs().max()
+
+
+@pytest.mark.parametrize("seq, causal", [(1, False), (5, True)])
+def test_grouped_attention_equals_attention_over_expanded_heads(seq, causal):
+    from chatglm.layers import attention
+
+    generator = torch.Generator().manual_seed(3)
+    query = torch.randn(2, 8, seq, 16, generator=generator)
+    key = torch.randn(2, 2, seq if causal else 7, 16, generator=generator)
+    value = torch.randn(key.shape, generator=generator)
+    expanded = torch.nn.functional.scaled_dot_product_attention(
+        query, key.repeat_interleave(4, 1), value.repeat_interleave(4, 1), is_causal=causal
+    )
+    torch.testing.assert_close(attention(query, key, value, None, causal), expanded.transpose(1, 2).flatten(2))
