@@ -9,7 +9,7 @@
 
 Every error is an OpenAI error body, `{"error": {"message", "type", "param", "code"}}`, with the status the
 SDKs map to the right exception (400 bad request, 401 key, 404 route/model, 429 busy + Retry-After, 504
-timeout); docs/servers.md has the full table. Generation runs on one worker thread behind a bounded queue
+timeout); the README section "API servers" has the full table. Generation runs on one worker thread behind a bounded queue
 (chatglm.server); a client that disconnects stops its generation within one decode step.
 """
 
