@@ -62,6 +62,10 @@ class PrefixEncoder(nn.Module):
         else:
             self.embedding = nn.Embedding(config.pre_seq_len, kv_size)
         self.dropout = nn.Dropout(0.1)
+        # Keep PyTorch's default initialisation (N(0, 1) embedding) instead of the model's N(0, 0.02): the
+        # original model's _init_weights did nothing, and P-tuning learning rates (2e-2) were tuned for that start.
+        for module in self.modules():
+            module._is_hf_initialized = True
 
     def forward(self, batch_size: int, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
         tokens = torch.arange(self.pre_seq_len, device=self.embedding.weight.device)
