@@ -15,7 +15,7 @@ import torch
 from transformers import DynamicCache
 
 from . import prompt as prompts
-from .generation import InvalidScoreLogitsProcessor, SamplingParams, generate_tokens
+from .generation import InvalidScoreLogitsProcessor, SamplingParams, eos_ids_for, generate_tokens
 
 History = list[tuple[str, str]]
 
@@ -159,8 +159,7 @@ class ChatMixin:
         past = self.past_length(past_key_values)
         attention_mask = torch.ones(1, past + input_ids.shape[1], dtype=torch.long, device=self.device)
 
-        eos_ids = self.config.eos_token_id
-        eos_ids = list(eos_ids) if isinstance(eos_ids, (list, tuple)) else [eos_ids]
+        eos_ids = eos_ids_for(self.config.eos_token_id)
         decoder = IncrementalDecoder(tokenizer)
         yielded = False
         cache = past_key_values

@@ -20,7 +20,7 @@ from transformers import DynamicCache
 
 from . import prompt as prompts
 from .chat import CHAT_DEFAULTS, History, IncrementalDecoder, process_response
-from .generation import InvalidScoreLogitsProcessor, SamplingParams, generate_tokens
+from .generation import InvalidScoreLogitsProcessor, SamplingParams, eos_ids_for, generate_tokens
 
 EMBEDDED_MODEL_DIR = Path(__file__).parent / "assets" / "tiny-chatglm2"
 DEMO_MODEL_NOTICE = (
@@ -215,8 +215,7 @@ class ChatEngine:
         generator = None
         if seed is not None:
             generator = torch.Generator(device=self.model.device).manual_seed(seed)
-        eos = self.model.config.eos_token_id
-        eos_ids = list(eos) if isinstance(eos, (list, tuple)) else [eos]
+        eos_ids = eos_ids_for(self.model.config.eos_token_id)
         decoder = IncrementalDecoder(self.tokenizer)
         emitted = ""
         finish_reason = "length"

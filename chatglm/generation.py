@@ -7,6 +7,7 @@ transformers' private helpers, which changed between releases and broke the orig
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -53,7 +54,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return not self.do_sample or self.temperature == 0
+        # A temperature this small would overflow the scaled scores to inf; it means "take the best token".
+        return not self.do_sample or self.temperature < 1e-4
 
 
 def apply_repetition_penalty(scores: torch.Tensor, seen_ids: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -76,6 +78,14 @@ def filter_top_k_top_p(scores: torch.Tensor, top_k: int, top_p: float) -> torch.
         drop = drop_sorted.scatter(-1, order, drop_sorted)
         scores = scores.masked_fill(drop, float("-inf"))
     return scores
+
+
+def eos_ids_for(config_eos: int | Sequence[int] | None) -> list[int]:
+    """The ids that end an answer, or none when CHATGLM_IGNORE_EOS=1 (benchmarks and tests that need an
+    answer to run to its length limit, like vLLM's ignore_eos)."""
+    if os.environ.get("CHATGLM_IGNORE_EOS") == "1" or config_eos is None:
+        return []
+    return list(config_eos) if isinstance(config_eos, (list, tuple)) else [config_eos]
 
 
 def sample_next_token(

@@ -49,6 +49,9 @@ def demo_env() -> dict[str, str]:
         HF_HUB_OFFLINE="1",
         GRADIO_ANALYTICS_ENABLED="False",
         TERM="xterm",
+        # Answers run to their length limit, so Stop / Ctrl-C have a growing answer to interrupt (the trained
+        # demo model would end after a few words).
+        CHATGLM_IGNORE_EOS="1",
     )
     return env
 

@@ -19,6 +19,7 @@ from typing import Any
 import httpx
 
 REPO = Path(__file__).resolve().parents[1]
+IGNORE_EOS = "CHATGLM_IGNORE_EOS"
 # Importing torch + transformers and loading the demo model takes a few seconds, more on a busy machine.
 STARTUP_TIMEOUT_S = 120.0
 
@@ -45,6 +46,9 @@ class ServerProcess:
 
     def start(self) -> ServerProcess:
         env = {k: v for k, v in os.environ.items() if k not in ("CHATGLM_MODEL", "CHATGLM_API_KEYS")}
+        # Answers run to their length limit: the trained demo model would otherwise end them after a few words,
+        # and the queueing, cancellation and disconnect tests need generations that take a while.
+        env[IGNORE_EOS] = "1"
         env.update(self.env)
         env["PYTHONUNBUFFERED"] = "1"
         command = [sys.executable, str(REPO / self.script), "--host", "127.0.0.1", "--port", str(self.port),

@@ -176,3 +176,25 @@ def test_engine_completion_honours_stop_strings_and_lengths():
         stop = full.text[2:4]
         cut = engine.complete([{"role": "user", "content": "hi"}], max_new_tokens=12, temperature=0, stop=[stop])
         assert cut.text == full.text[: full.text.find(stop)] and cut.finish_reason == "stop"
+
+
+def test_vanishing_temperature_means_greedy_not_overflow():
+    scores = torch.tensor([[0.5, 2.0, -1.0]])
+    from chatglm.generation import sample_next_token
+
+    assert int(sample_next_token(scores, SamplingParams(temperature=5e-324, top_p=1e-100))) == 1
+
+
+def test_ignore_eos_runs_to_the_length_limit(v2_model, v2_tokenizer, monkeypatch):
+    prompt_length = v2_tokenizer.build_chat_input("x", [])["input_ids"].shape[1]
+    force_eos = ForceTokens(prompt_length, [v2_tokenizer.convert_tokens_to_ids("<0x41>"), v2_tokenizer.eos_token_id])
+
+    def cached_tokens() -> int:
+        *_, (_, _, cache) = v2_model.stream_chat(
+            v2_tokenizer, "x", [], max_length=prompt_length + 6, logits_processor=[force_eos], return_past_key_values=True
+        )
+        return cache.get_seq_length() - prompt_length
+
+    assert cached_tokens() == 1  # "A", then EOS ends the answer
+    monkeypatch.setenv("CHATGLM_IGNORE_EOS", "1")
+    assert cached_tokens() == 6  # EOS is just another token up to the length limit
