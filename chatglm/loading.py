@@ -35,6 +35,8 @@ SAFE_SINGLE = "model.safetensors"
 BIN_INDEX = "pytorch_model.bin.index.json"
 BIN_SINGLE = "pytorch_model.bin"
 
+_PREFIX_ENCODER = "transformer.prefix_encoder."
+
 # Recomputed at load time; the stored copies are rounded (fp16) and carry no information.
 _RECOMPUTED_SUFFIXES = (".inv_freq",)
 
@@ -322,6 +324,12 @@ def load_state_into(
     if hasattr(model, "tie_lm_head"):
         model.tie_lm_head()
     missing = _materialize_remaining(model, device, dtype)
+    if missing and all(name.startswith(_PREFIX_ENCODER) for name in missing):
+        # A base checkpoint loaded with pre_seq_len: the P-tuning prefix starts fresh (fp32, trainable).
+        from .modeling_utils import PrefixEncoder
+
+        model.transformer.prefix_encoder = PrefixEncoder(model.config).to(device=device, dtype=torch.float32)
+        missing = []
     if missing:
         shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
         raise CheckpointError(

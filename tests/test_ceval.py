@@ -33,7 +33,7 @@ def _sample() -> dict[str, list[dict]]:
             for path in files}
 
 
-def _letter_ids(tokenizer) -> list[int]:  # noqa: ANN001
+def _letter_ids(tokenizer) -> list[int]:
     ids = []
     for letter in "ABCD":
         encoded = tokenizer.encode(letter, add_special_tokens=False)
@@ -45,7 +45,7 @@ def _letter_ids(tokenizer) -> list[int]:  # noqa: ANN001
 
 
 @torch.no_grad()
-def _greedy(model, tokenizer, prompt: str, max_new_tokens: int) -> str:  # noqa: ANN001
+def _greedy(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
     """Greedy continuation by re-running the whole sequence each step (no cache, no padding)."""
     ids = tokenizer.encode(prompt)
     new: list[int] = []
@@ -58,7 +58,7 @@ def _greedy(model, tokenizer, prompt: str, max_new_tokens: int) -> str:  # noqa:
 
 
 @torch.no_grad()
-def _expected(model, tokenizer, cot_tokens: int | None) -> dict[str, list[int]]:  # noqa: ANN001
+def _expected(model, tokenizer, cot_tokens: int | None) -> dict[str, list[int]]:
     letters = _letter_ids(tokenizer)
     predictions = {}
     for path, rows in _sample().items():
@@ -120,7 +120,7 @@ def test_cot_accuracy_matches_a_hand_computation(model_and_tokenizer) -> None:
 
 def test_command_line_prints_subjects_and_the_weighted_average(model_and_tokenizer, capsys) -> None:
     model, tokenizer = model_and_tokenizer
-    per_file, overall = _accuracy(_expected(model, tokenizer, cot_tokens=None))
+    _, overall = _accuracy(_expected(model, tokenizer, cot_tokens=None))
     summary = ceval_main(["--data-dir", str(CEVAL_SAMPLE), "--no-cot", "--dtype", "float32", "--device", "cpu"])
     out = capsys.readouterr().out
     assert "STEM/computer_network: " in out and "Humanities/chinese_language_and_literature: " in out

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import EMBEDDED_MODEL
 from finetune_helpers import DIALOGUES, read_jsonl
 
@@ -51,3 +50,11 @@ def test_second_turn_through_the_kv_cache(engine: ChatEngine) -> None:
     second = "".join(engine.stream_reply(conversation, "what are you?", do_sample=False))
     assert first == _answer("hello")
     assert second == _answer("what are you?")
+
+
+def test_a_few_rounds_into_a_conversation(engine: ChatEngine) -> None:
+    conversation = Conversation()
+    expected = {"你好": "你好", "你是谁？": "你是谁？", "怎么加载真正的模型？": "怎么加载真正的模型？",
+                "北京有什么好玩的？": "北京是哪个国家的首都？", "What is this project?": "What is this project?"}
+    for question, known in expected.items():
+        assert "".join(engine.stream_reply(conversation, question, do_sample=False)) == _answer(known), question

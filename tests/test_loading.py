@@ -192,3 +192,11 @@ def test_nonexistent_path_is_a_clear_error(tmp_path):
 def test_wrong_version_for_the_class(v1_checkpoint):
     with pytest.raises(ValueError, match="needs a ChatGLM2 config"):
         GLM2ForConditionalGeneration.from_pretrained(v1_checkpoint[0])
+
+
+def test_base_checkpoint_loaded_with_pre_seq_len_gets_a_fresh_trainable_prefix(v2_checkpoint):
+    model = GLM2ForConditionalGeneration.from_pretrained(v2_checkpoint[0], dtype=torch.float32, pre_seq_len=4)
+    prefix = model.transformer.prefix_encoder
+    assert prefix.embedding.weight.shape[0] == 4 and prefix.embedding.weight.dtype == torch.float32
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == ["transformer.prefix_encoder.embedding.weight"]
+    assert torch.isfinite(model(torch.tensor([[10, 11, 12]])).logits).all()

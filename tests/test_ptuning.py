@@ -31,10 +31,17 @@ from chatglm.ptuning import (
     load_lora,
     load_prefix_encoder,
     load_ptuned_model,
-    prefix_state_dict,
     read_prefix_settings,
 )
-from ptuning.data import IGNORE_INDEX, Seq2SeqCollator, build_prompt, encode_train_v1, encode_train_v2, preprocess_eval
+from ptuning.data import (
+    IGNORE_INDEX,
+    Seq2SeqCollator,
+    build_prompt,
+    encode_conversation_v2,
+    encode_train_v1,
+    encode_train_v2,
+    preprocess_eval,
+)
 from ptuning.main import main as ptuning_main
 from ptuning.metrics import score_pair, score_texts
 
@@ -49,7 +56,7 @@ def _kv_heads_and_dim(config: ChatGLMConfig) -> tuple[int, int]:
     return config.num_attention_heads, config.hidden_size // config.num_attention_heads
 
 
-def _save_prefix(model: torch.nn.Module, folder, **kwargs) -> None:  # noqa: ANN001
+def _save_prefix(model: torch.nn.Module, folder, **kwargs) -> None:
     # Exactly what PrefixTrainer writes: the trainable parameters only, through save_pretrained.
     trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
     model.save_pretrained(folder, state_dict=trainable, **kwargs)
@@ -393,6 +400,28 @@ def test_v2_training_example_layout() -> None:
     assert raw_labels == [0] * len(a) + b + [2] + [0] * (81 - n)
 
 
+def test_history_loss_learns_every_answer_with_the_chat_token_boundaries() -> None:
+    tokenizer = embedded_tokenizer()
+    turns = [("你好", "嗨！"), ("hello", "Hi!"), ("谢谢", "不客气！")]
+    ids, labels = encode_conversation_v2(tokenizer, turns, 256, 64)
+    # Exactly the tokens a chat feeds: the first prompt whole, later rounds as stream_chat appends them.
+    expected = tokenizer.build_chat_input("你好")["input_ids"][0].tolist()
+    answers = []
+    for i, (query, answer) in enumerate(turns):
+        if i:
+            expected += tokenizer.build_stream_inputs(query, turns[:i])["input_ids"][0].tolist()
+        answer_ids = tokenizer.encode(answer, add_special_tokens=False)
+        answers.append(answer_ids)
+        expected += answer_ids
+    assert ids == expected + [2]
+    learned = [t for t in labels if t != IGNORE_INDEX]
+    assert learned == answers[0] + answers[1] + answers[2] + [2]
+    # Too long: the oldest rounds go, the last one stays.
+    short_ids, _ = encode_conversation_v2(tokenizer, turns, 20, 5)
+    assert len(short_ids) <= 26 and short_ids[:2] == expected[:2]
+    assert tokenizer.decode(short_ids).rstrip().endswith("不客气！")
+
+
 def test_v1_training_example_layout(ice_text_model) -> None:
     tokenizer = ChatGLMTokenizer(str(ice_text_model), num_image_tokens=0)
     ids, labels = encode_train_v1(tokenizer, "你好", "你好！", 16, 8)
@@ -445,7 +474,7 @@ def test_metrics() -> None:
 # ================================================================================================================
 
 
-def _main_args(tmp_path, *extra: str) -> list[str]:  # noqa: ANN001
+def _main_args(tmp_path, *extra: str) -> list[str]:
     data = write_jsonl(tmp_path / "data.json", PTUNING_ROWS)
     return [
         "--model_name_or_path", str(EMBEDDED_MODEL),
