@@ -23,7 +23,7 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
     value = int(text)
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
@@ -44,7 +44,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--ptuning_checkpoint", "--ptuning-checkpoint", default=None,
                        help="a P-tuning v2 checkpoint folder (ptuning/main.py output, e.g. output/<run>/checkpoint-3000) "
                        "whose prefix is loaded onto --model")
-    group.add_argument("--pre_seq_len", "--pre-seq-len", type=_positive_int, default=None,
+    group.add_argument("--pre_seq_len", "--pre-seq-len", type=positive_int, default=None,
                        help="prefix length the P-tuning checkpoint was trained with (default: read from the checkpoint)")
     group.add_argument("--prefix_projection", "--prefix-projection", action="store_true", default=None,
                        help="the P-tuning checkpoint was trained with --prefix_projection (default: read from it)")
@@ -52,7 +52,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("generation (defaults: the model version's own)")
-    group.add_argument("--max-length", type=_positive_int, default=None, help="context limit in tokens")
+    group.add_argument("--max-length", type=positive_int, default=None, help="context limit in tokens")
     group.add_argument("--top-p", type=_probability, default=None)
     group.add_argument("--temperature", type=_non_negative_float, default=None, help="0 means greedy decoding")
 

@@ -27,7 +27,7 @@ from typing import Annotated, Any, Generic, TypeVar
 import torch
 from pydantic import AfterValidator
 
-from .cli import add_generation_arguments, add_model_arguments
+from .cli import add_generation_arguments, add_model_arguments, positive_int
 
 logger = logging.getLogger("chatglm.server")
 
@@ -440,13 +440,6 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
 def _seconds(text: str) -> float:
     value = float(text)
     if not value >= 0 or math.isinf(value):
@@ -464,7 +457,7 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
                        help="requests that may wait behind the one generating; more are refused with 429 (default 64)")
     group.add_argument("--timeout", type=_seconds, default=600.0,
                        help="seconds a request may take, waiting included; 0 = no limit (default 600)")
-    group.add_argument("--max-new-tokens", type=_positive_int, default=None,
+    group.add_argument("--max-new-tokens", type=positive_int, default=None,
                        help="cap on the tokens generated for one request (default: up to the context length)")
     group.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     add_model_arguments(parser)
