@@ -162,8 +162,7 @@ def main() -> None:
     print(f"measured read bandwidth: {bw:.1f} GB/s (torch sum over 1 GiB, best of 5)")
     gc.collect()
     for version in args.model:
-        rows = []
-        base = None
+        results = {}
         for weights in args.weights:
             cmd = [sys.executable, os.path.abspath(__file__), "--one", f"{version}:{weights}", "--prompt",
                    str(args.prompt), "--new", str(args.new)] + (["--threads", str(args.threads)] if args.threads else [])
@@ -171,10 +170,11 @@ def main() -> None:
             if out.returncode != 0:
                 print(f"{version} {weights}: failed\n{out.stderr[-3000:]}")
                 continue
-            r = json.loads(out.stdout.strip().splitlines()[-1])
+            results[weights] = json.loads(out.stdout.strip().splitlines()[-1])
+        base = results.get("bf16")
+        rows = []
+        for weights, r in results.items():
             bound = bw * 1e9 / r["bytes_per_token"]
-            if weights == "bf16":
-                base = r
             rows.append([
                 weights, f"{r['build_s']:.1f}", f"{r['peak_rss_gb']:.2f}", f"{r['prefill_tps']:.1f}",
                 f"{r['decode_tps']:.2f}", f"{r['decode_ms_median']:.0f}", f"{r['bytes_per_token'] / 1e9:.2f}",

@@ -1,4 +1,4 @@
-"""Pieces shared by both ChatGLM generations: norms, rotary embeddings, masks, the attention core.
+"""Pieces shared by both ChatGLM generations: linear layers, norms, rotary embeddings, masks, attention.
 
 Tensors are batch-first inside this package: hidden states [batch, seq, hidden], attention heads
 [batch, heads, seq, head_dim] (what `scaled_dot_product_attention` wants). The official code is
@@ -8,14 +8,47 @@ sequence-first; the layout never leaks into parameter names or shapes, so checkp
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 
+class Linear(nn.Linear):
+    """nn.Linear (same parameters, same state dict) that multiplies a single bf16 CPU row with ATen's GEMV.
+
+    oneDNN, PyTorch's CPU matmul for bf16, streams the weight at ~20 GB/s when the input is one row; ATen's
+    own GEMV reaches ~32 GB/s on the same machine (bench/README.md). One row is every decoding step at batch
+    1: all layers of a bf16 model, the output layer of a quantized one. From two rows on oneDNN is faster,
+    so it stays in charge there.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.numel() == x.shape[-1]:
+            with _onednn_disabled():
+                return F.linear(x, self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias)
+
+
+@contextmanager
+def _onednn_disabled() -> Iterator[None]:
+    # A process-wide switch: a matmul in another thread during these microseconds takes ATen's path too.
+    previous = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = previous
+
+
 class RMSNorm(nn.Module):
-    """x / rms(x) * weight, with the mean of squares taken in fp32 as the original does."""
+    """x / rms(x) * weight, computed in fp32 and rounded once, as the original does.
+
+    F.rms_norm upcasts half-precision inputs the same way (bit-identical to the original's four ops,
+    tests/test_modeling.py) in one fused op.
+    """
 
     def __init__(self, hidden_size: int, eps: float = 1e-5, device=None, dtype=None) -> None:
         super().__init__()
@@ -23,10 +56,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        input_dtype = hidden_states.dtype
-        variance = hidden_states.to(torch.float32).pow(2).mean(-1, keepdim=True)
-        hidden_states = hidden_states * torch.rsqrt(variance + self.eps)
-        return (self.weight * hidden_states).to(input_dtype)
+        return F.rms_norm(hidden_states, self.weight.shape, self.weight, self.eps)
 
 
 def rotary_inv_freq(rotary_dim: int, base: float = 10000.0, device=None) -> torch.Tensor:

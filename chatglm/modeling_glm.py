@@ -18,7 +18,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers import DynamicCache
 
 from .configuration_chatglm import ChatGLMConfig
-from .layers import apply_rotary_half, attention, build_attention_mask, rotary_inv_freq
+from .layers import Linear, apply_rotary_half, attention, build_attention_mask, rotary_inv_freq
 from .modeling_utils import ChatGLMOutput, ChatGLMPreTrainedModel, PrefixEncoder
 
 
@@ -115,8 +115,8 @@ class GLMAttention(nn.Module):
         self.head_dim = config.hidden_size // config.num_attention_heads
         self.position_encoding_2d = config.position_encoding_2d
         self.rotary_emb = GLMRotaryEmbedding(config)
-        self.query_key_value = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=True)
-        self.dense = nn.Linear(config.hidden_size, config.hidden_size, bias=True)
+        self.query_key_value = Linear(config.hidden_size, 3 * config.hidden_size, bias=True)
+        self.dense = Linear(config.hidden_size, config.hidden_size, bias=True)
         self.attention_dropout = config.attention_dropout
 
     def forward(
@@ -152,8 +152,8 @@ class GLMMLP(nn.Module):
 
     def __init__(self, config: ChatGLMConfig) -> None:
         super().__init__()
-        self.dense_h_to_4h = nn.Linear(config.hidden_size, config.inner_hidden_size, bias=True)
-        self.dense_4h_to_h = nn.Linear(config.inner_hidden_size, config.hidden_size, bias=True)
+        self.dense_h_to_4h = Linear(config.hidden_size, config.inner_hidden_size, bias=True)
+        self.dense_4h_to_h = Linear(config.inner_hidden_size, config.hidden_size, bias=True)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return self.dense_4h_to_h(F.gelu(self.dense_h_to_4h(hidden_states), approximate="tanh"))
@@ -228,7 +228,7 @@ class GLMForConditionalGeneration(ChatGLMPreTrainedModel):
             raise ValueError(f"GLMForConditionalGeneration needs a ChatGLM-6B config, got version {config.version}")
         super().__init__(config)
         self.transformer = GLMModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.tie_lm_head()
         if config.pre_seq_len:
             for name, param in self.named_parameters():

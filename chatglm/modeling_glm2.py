@@ -16,7 +16,15 @@ from torch.utils.checkpoint import checkpoint
 from transformers import DynamicCache
 
 from .configuration_chatglm import ChatGLMConfig
-from .layers import RMSNorm, apply_rotary_interleaved, attention, build_attention_mask, rotary_cos_sin, rotary_inv_freq
+from .layers import (
+    Linear,
+    RMSNorm,
+    apply_rotary_interleaved,
+    attention,
+    build_attention_mask,
+    rotary_cos_sin,
+    rotary_inv_freq,
+)
 from .modeling_utils import ChatGLMOutput, ChatGLMPreTrainedModel, PrefixEncoder
 
 
@@ -64,10 +72,10 @@ class GLM2Attention(nn.Module):
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         # Rows are [all Q | all K | all V], unlike ChatGLM-6B's per-head interleaving.
-        self.query_key_value = nn.Linear(
+        self.query_key_value = Linear(
             config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.add_bias_linear or config.add_qkv_bias
         )
-        self.dense = nn.Linear(self.q_size, config.hidden_size, bias=config.add_bias_linear)
+        self.dense = Linear(self.q_size, config.hidden_size, bias=config.add_bias_linear)
         self.attention_dropout = config.attention_dropout
 
     def forward(
@@ -100,8 +108,8 @@ class GLM2MLP(nn.Module):
 
     def __init__(self, config: ChatGLMConfig) -> None:
         super().__init__()
-        self.dense_h_to_4h = nn.Linear(config.hidden_size, 2 * config.ffn_hidden_size, bias=config.add_bias_linear)
-        self.dense_4h_to_h = nn.Linear(config.ffn_hidden_size, config.hidden_size, bias=config.add_bias_linear)
+        self.dense_h_to_4h = Linear(config.hidden_size, 2 * config.ffn_hidden_size, bias=config.add_bias_linear)
+        self.dense_4h_to_h = Linear(config.ffn_hidden_size, config.hidden_size, bias=config.add_bias_linear)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         gate, up = self.dense_h_to_4h(hidden_states).chunk(2, dim=-1)
@@ -183,7 +191,7 @@ class GLM2Model(nn.Module):
         self.embedding = GLM2Embedding(config)
         self.rotary_pos_emb = GLM2RotaryEmbedding(config)
         self.encoder = GLM2Transformer(config)
-        self.output_layer = nn.Linear(config.hidden_size, config.padded_vocab_size, bias=False)
+        self.output_layer = Linear(config.hidden_size, config.padded_vocab_size, bias=False)
         self.prefix_encoder = PrefixEncoder(config) if config.pre_seq_len else None
 
 

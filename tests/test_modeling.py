@@ -310,3 +310,31 @@ def test_grouped_attention_equals_attention_over_expanded_heads(seq, causal):
         query, key.repeat_interleave(4, 1), value.repeat_interleave(4, 1), is_causal=causal
     )
     torch.testing.assert_close(attention(query, key, value, None, causal), expanded.transpose(1, 2).flatten(2))
+
+
+def test_single_bf16_row_linear_matches_onednn_and_leaves_the_backend_switch_alone():
+    from chatglm.layers import Linear
+
+    layer = Linear(64, 96).to(torch.bfloat16)
+    rows = torch.randn(3, 1, 64).to(torch.bfloat16)
+    before = torch.backends.mkldnn.enabled
+    one_by_one = torch.cat([layer(rows[i : i + 1]) for i in range(3)])  # one row each: ATen's GEMV
+    together = layer(rows)  # three rows: oneDNN
+    assert torch.backends.mkldnn.enabled == before
+    torch.testing.assert_close(one_by_one, together, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(together.float(), torch.nn.functional.linear(rows.float(), layer.weight.float(),
+                                                                            layer.bias.float()), atol=3e-2, rtol=3e-2)
+    assert isinstance(layer, torch.nn.Linear) and set(layer.state_dict()) == {"weight", "bias"}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_rmsnorm_equals_the_original_fp32_formula_rounded_once(dtype):
+    from chatglm.layers import RMSNorm
+
+    norm = RMSNorm(256).to(dtype)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(256))
+    x = (torch.randn(2, 5, 256) * 7).to(dtype)
+    variance = x.to(torch.float32).pow(2).mean(-1, keepdim=True)
+    original = (norm.weight * (x * torch.rsqrt(variance + norm.eps))).to(dtype)
+    assert torch.equal(norm(x), original)

@@ -35,6 +35,34 @@ def reference(module: Q.QuantizedLinear, x: torch.Tensor) -> torch.Tensor:
     return F.linear(x, w, bias)
 
 
+def activation_error_bound(module: Q.QuantizedLinear, x: torch.Tensor) -> torch.Tensor:
+    """The most the C kernel's fused path may differ from `reference` on top of float rounding: it rounds each
+    activation to int8 in blocks of `activation_block()` columns, moving it by at most half a step (block
+    max |x| / 254), and every such move is multiplied by |w| of its column. Returns [rows, out_features]."""
+    block = cpu_kernel.activation_block()
+    rows, k = x.shape
+    amax = F.pad(x.float().abs(), (0, (-k) % block)).view(rows, -1, block).amax(-1)
+    half_step = (amax / 254).repeat_interleave(block, dim=1)[:, :k]
+    w = Q.dequantize_weight(module.weight, module.weight_scale, module.bits, dtype=torch.float32)
+    return half_step @ w.abs().t()
+
+
+def fused_path(name: str, module: Q.QuantizedLinear, x: torch.Tensor) -> bool:
+    return name == "cpu" and x.shape[0] < kernels.PREFILL_MIN_ROWS[module.bits]
+
+
+def assert_close_to_reference(module: Q.QuantizedLinear, x: torch.Tensor, got: torch.Tensor, atol: float) -> None:
+    """`got` (from the default kernel) equals the reference within atol, plus the int8-activation bound
+    when the default kernel is the C kernel's fused path."""
+    want = reference(module, x).float()
+    tol = torch.full_like(want, atol)
+    name = "cpu" if kernels.select_kernel(module, x) is kernels.cpu_linear else "other"
+    if fused_path(name, module, x):
+        tol += activation_error_bound(module, x)
+    err = (got.float().reshape(want.shape) - want).abs()
+    assert (err <= tol).all(), f"{(err - tol).max()} over the tolerance"
+
+
 def original_quantize(weight: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The original recipe written out literally (fp16 ops, then the compression rule byte by byte)."""
     scale = weight.abs().max(dim=-1).values / ((2 ** (bits - 1)) - 1)
@@ -186,9 +214,11 @@ def test_every_kernel_matches_reference(bits, dtype):
                 Q.set_kernel(name)
                 got = module(x)
                 assert got.dtype == dtype and got.shape == (m, n)
-                tol = (2e-4 if dtype == torch.float32 else 3e-2) * want.abs().max().item() + 1e-6
-                err = (got.float() - want).abs().max().item()
-                assert err <= tol, f"{name} int{bits} {dtype} {(m, n, k)}: {err} > {tol}"
+                tol = (2e-4 if dtype == torch.float32 else 3e-2) * want.abs().max() + 1e-6
+                if fused_path(name, module, x):
+                    tol = tol + activation_error_bound(module, x)
+                err = (got.float() - want).abs()
+                assert (err <= tol).all(), f"{name} int{bits} {dtype} {(m, n, k)}: {(err - tol).max()} over"
             Q.set_kernel(None)
 
 
@@ -196,13 +226,11 @@ def test_leading_dims_and_fp16_input():
     module = Q.QuantizedLinear.from_linear(nn.Linear(128, 24), 4)
     x = torch.randn(2, 3, 128)
     assert module(x).shape == (2, 3, 24)
-    torch.testing.assert_close(module(x), reference(module, x.reshape(6, 128)).reshape(2, 3, 24),
-                               atol=1e-3, rtol=1e-3)
+    assert_close_to_reference(module, x.reshape(6, 128), module(x), atol=1e-4)
     xh = x.half()
     y = module(xh)
     assert y.dtype == torch.float16
-    torch.testing.assert_close(y.float(), reference(module, xh.reshape(6, 128)).float().reshape(2, 3, 24),
-                               atol=2e-2, rtol=2e-2)
+    assert_close_to_reference(module, xh.reshape(6, 128), y, atol=2e-2)
     assert module(torch.randn(0, 128)).shape == (0, 24)
 
 
@@ -218,7 +246,7 @@ def test_cpu_kernel_thread_count_and_every_isa(bits):
     Q.set_num_threads(2)
     two = module(x)
     assert torch.equal(one, two)  # each output is computed by one thread in a fixed order
-    torch.testing.assert_close(one, reference(module, x), atol=2e-3, rtol=1e-3)
+    assert ((one - reference(module, x)).abs() <= activation_error_bound(module, x) + 1e-4).all()
     lib = cpu_kernel.load()
     assert lib is not None
     best = lib.cglm_isa()
@@ -337,7 +365,7 @@ def test_cache_follows_replaced_and_modified_tensors():
         module._parameters[name] = nn.Parameter(getattr(other, name).detach().clone() * (2 if name == "bias" else 1),
                                                 requires_grad=False)
     assert not torch.allclose(module(x), before)
-    torch.testing.assert_close(module(x), reference(module, x), atol=1e-3, rtol=1e-3)
+    assert_close_to_reference(module, x, module(x), atol=1e-4)
 
 
 class _Block(nn.Module):
@@ -402,7 +430,8 @@ def test_empty_init_on_meta_then_load():
 
 
 def test_tiny_glm_models_quantize():
-    chatglm = pytest.importorskip("chatglm")
+    import chatglm
+
     configs = [
         dict(num_layers=2, padded_vocab_size=160, hidden_size=64, ffn_hidden_size=96, kv_channels=16,
              num_attention_heads=4, multi_query_group_num=2, seq_length=64),
@@ -411,13 +440,10 @@ def test_tiny_glm_models_quantize():
              bos_token_id=154, eos_token_id=155, pad_token_id=3),
     ]
     for fields in configs:
-        try:
-            config = chatglm.ChatGLMConfig(**fields)
-            cls = chatglm.GLMForConditionalGeneration if config.version == 1 else chatglm.GLM2ForConditionalGeneration
-            torch.manual_seed(0)
-            model = cls(config).eval()
-        except Exception as exc:  # the model core is developed alongside; do not fail on its API changes
-            pytest.skip(f"tiny model unavailable: {exc}")
+        config = chatglm.ChatGLMConfig(**fields)
+        cls = chatglm.GLMForConditionalGeneration if config.version == 1 else chatglm.GLM2ForConditionalGeneration
+        torch.manual_seed(0)
+        model = cls(config).eval()
         ids = torch.tensor([[5, 6, 7, 150, 151, 154, 9]]) if config.version == 1 else torch.tensor([[5, 6, 7, 8, 9]])
         with torch.no_grad():
             want = model(input_ids=ids).logits

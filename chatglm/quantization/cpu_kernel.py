@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 __all__ = ["load", "available", "reset", "compiler", "qlinear", "dequantize_rows", "quantize", "set_num_threads",
-           "get_num_threads"]
+           "get_num_threads", "activation_block"]
 
 SOURCE = Path(__file__).with_name("csrc") / "qlinear_cpu.c"
 _LIB_NAME = "libchatglm_qlinear.so"
@@ -124,6 +124,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.cglm_isa.restype = i32
     lib.cglm_force_isa.argtypes = [i32]
     lib.cglm_openmp.restype = i32
+    lib.cglm_activation_block.restype = i32
 
 
 def load() -> ctypes.CDLL | None:
@@ -155,6 +156,13 @@ def reset() -> None:
     """Forget the loaded library so the next call rebuilds/reloads (tests use it to exercise failures)."""
     with _lock:
         _state.update(tried=False, lib=None, error=None)
+
+
+def activation_block() -> int:
+    """Columns per int8 activation block of the fused (decode) path: its scale is the block's max |x| / 127."""
+    lib = load()
+    assert lib is not None
+    return int(lib.cglm_activation_block())
 
 
 def set_num_threads(n: int | None) -> None:

@@ -9,19 +9,19 @@
  * ------------------------------------
  * Decoding one token multiplies a single activation row with every weight: the cost is reading the weights
  * from DRAM once, so the kernel streams each packed row exactly once and unpacks inside the dot product.
- * Converting every weight to fp32 for FMAs needs more instructions per byte than two cores can issue at memory
- * speed, so the activation row is quantized instead, per block of 512 columns with one fp32 scale:
- *   - int8 weights: activations as int16 (error <= 2^-16 of the block maximum), weights sign-extended to
- *     int16, vpmaddwd, exact int32 sums per block;
- *   - int4 weights: activations as 15-bit integers split into a signed high byte and a 7-bit low byte, weights
- *     as offset-binary nibbles (w ^ 0x88 turns each signed nibble q into q + 8 in [0, 15]), multiplied with
- *     vpmaddubsw (AVX2) or vpdpbusd (AVX512-VNNI) without saturation; the +8 is removed per block with the sum
- *     of the activations. Error <= 2^-15 of the block maximum: far below the int4 weight error and below bf16
- *     rounding of the reference.
- * Each block's exact integer sum is scaled in fp32. The activation bytes are laid out per 64-column step as
- * [high bytes of even columns | of odd columns | low bytes of even | of odd], matching the even (high nibble)
- * and odd (low nibble) columns of 32 packed weight bytes, so the official layout is read as saved: no
- * repacked copy of the weights exists.
+ * Two cores must keep up with memory (~34 GB/s here), which leaves a handful of vector instructions per 32
+ * weight bytes. So the activation row is quantized too, as llama.cpp does for its Q4_0/Q8_0 matmuls: int8
+ * per block of 128 columns with one fp32 scale (error <= 1/254 of the block maximum; llama.cpp uses 32
+ * columns). Each block's exact integer sum is scaled in fp32.
+ *   - int4 weights: w ^ 0x88 turns each signed nibble q into offset-binary q + 8 in [0, 15]; vpmaddubsw
+ *     (AVX2) or vpdpbusd (AVX512-VNNI) multiplies the unsigned nibbles with the signed activation bytes; the
+ *     +8 is removed once per activation row with the activation sums. The activation bytes of each 64-column
+ *     step are stored as [32 even columns | 32 odd columns], matching the high (even) and low (odd) nibbles
+ *     of 32 packed weight bytes, so the official layout is read as saved: no repacked copy of the weights.
+ *   - int8 weights: AVX2 multiplies |w| with sign(w)*x (vpsignb, the pair sums fit int16); VNNI takes
+ *     w ^ 0x80 = w + 128 as the unsigned operand and removes the +128 with the activation sums.
+ * Replacing the earlier 15-bit activations (two multiplies per weight byte) by int8 cut the instructions per
+ * weight byte by ~40%, which is what moved int4 decoding from ~24 GB/s to the memory limit (bench/README.md).
  *
  * Parallelism: OpenMP over groups of output rows in dynamic chunks (each chunk a contiguous stream of rows;
  * a thread that loses its core to another process does not hold the others at the join). For few activation
@@ -31,7 +31,7 @@
  *
  * Dispatch: the AVX2/FMA and AVX512-VNNI paths are compiled with function target attributes and chosen at run
  * time with __builtin_cpu_supports, so the library needs no -march flag (a cache shared by different CPUs
- * stays valid) and the portable C path is always there.
+ * stays valid) and the portable C path is always there. All paths compute the same integer block sums.
  */
 #include <math.h>
 #include <stdint.h>
@@ -48,10 +48,6 @@
 #else
 #define CGLM_X86 0
 #endif
-
-#define QBLK 512 /* columns per activation-quantization block */
-#define SUB4 64  /* int4 columns per 32-byte vector step */
-#define XQ_MAX 32767.0f
 
 enum { DT_F32 = 0, DT_BF16 = 1, DT_F16 = 2 };
 
@@ -105,12 +101,6 @@ static inline uint16_t f32_to_f16(float f) {
     return (uint16_t)(sign | (ax >> 13));
 }
 
-static inline float load_elem(const void *p, int dt, int64_t i) {
-    if (dt == DT_F32) return ((const float *)p)[i];
-    if (dt == DT_BF16) return bf16_to_f32(((const uint16_t *)p)[i]);
-    return f16_to_f32(((const uint16_t *)p)[i]);
-}
-
 static inline void store_elem(void *p, int dt, int64_t i, float v) {
     if (dt == DT_F32)
         ((float *)p)[i] = v;
@@ -120,33 +110,34 @@ static inline void store_elem(void *p, int dt, int64_t i, float v) {
         ((uint16_t *)p)[i] = f32_to_f16(v);
 }
 
+
 static inline int8_t nib_hi(uint8_t b) { return (int8_t)((int8_t)b >> 4); }
 static inline int8_t nib_lo(uint8_t b) { return (int8_t)((int8_t)(uint8_t)(b << 4) >> 4); }
 
 /* ------------------------------------------------------------------------------------------------------ */
 /* activation quantization                                                                                   */
 
+#define QBLK 128 /* columns per activation block; int4: <= 256, so two-step int16 sums cannot saturate */
+#define STEP4 64 /* int4 columns per 32-byte weight vector */
+#define STEP8 32 /* int8 columns per 32-byte weight vector */
+
 typedef struct {
-    int64_t M, K, nblk;
+    int64_t M, K, nblk, ldx;
     int bits;
-    int64_t ldx16, ldx8;
-    /* int8 weights: activations as int16 in natural column order. int4 weights: only the ragged tail
-     * (columns past the last whole 64-column step) lives here, also in natural order. */
-    int16_t *x16;
-    /* int4 weights: 15-bit activations xi = 128 * xh + xl split into a signed high byte xh in [-128, 127] and an
-     * unsigned low byte xl in [0, 127], stored per 64-column step as four 32-byte vectors
-     * [xh of even columns | xh of odd columns | xl of even columns | xl of odd columns]
-     * so vpmaddubsw can multiply them with the unsigned nibbles without saturating. */
+    /* [M][ldx] int8 activations. int4: every whole 64-column step is stored as [32 even | 32 odd columns];
+     * columns after the last whole step (K % 64) stay in natural order and are handled by scalar code. */
     int8_t *x8;
-    float *xs;     /* [M][nblk] fp32 scale of each block */
-    int32_t *xsum; /* [M][nblk] sum of xi over the block's whole steps (undoes the +8 nibble offset) */
+    float *xs;   /* [M][nblk] fp32 scale of each block (NaN when the block holds inf/NaN) */
+    float *xoff; /* [M] sum over blocks of scale * (sum of the vectorised activations), for the offset paths */
 } xquant_t;
 
-/* fp32 copy of x[m, c0:c1), then per-block symmetric quantization. Written as plain loops so that the
- * avx2 clone is auto-vectorized by the compiler. */
-__attribute__((target_clones("avx2", "default"))) static void quantize_block(const void *x, int dt, int64_t m,
-                                                                             int64_t b, xquant_t *q,
-                                                                             float *buf) {
+static inline int64_t vector_cols(int bits, int64_t n) { return n & ~(int64_t)((bits == 4 ? STEP4 : STEP8) - 1); }
+
+/* fp32 copy of x[m, c0:c1), then symmetric int8 quantization of the block. Returns scale * sum of the
+ * vectorised activations (the block's share of xoff). Plain loops so the avx2 clone is auto-vectorized. */
+__attribute__((target_clones("avx2", "default"))) static float quantize_block(const void *x, int dt, int64_t m,
+                                                                              int64_t b, xquant_t *q,
+                                                                              float *buf) {
     const int64_t K = q->K, c0 = b * QBLK, c1 = c0 + QBLK < K ? c0 + QBLK : K, n = c1 - c0;
     if (dt == DT_F32) {
         const float *src = (const float *)x + m * K + c0;
@@ -172,92 +163,83 @@ __attribute__((target_clones("avx2", "default"))) static void quantize_block(con
     }
     float amax;
     memcpy(&amax, &amax_bits, 4);
-    const float qmax = q->bits == 8 ? 32767.f : 16383.f;
     float s, inv;
-    if (amax_bits >= 0x7f800000u) { /* inf or NaN: make the whole output of this row NaN, as a float matmul would */
+    if (amax_bits >= 0x7f800000u) { /* inf or NaN: make the whole output row NaN, as a float matmul would */
         s = NAN;
         inv = 0.f;
     } else {
-        s = amax / qmax;
-        inv = amax > 0.f ? qmax / amax : 0.f;
+        s = amax / 127.f;
+        inv = amax > 0.f ? 127.f / amax : 0.f;
     }
     q->xs[m * q->nblk + b] = s;
-    if (q->bits == 8) {
-        int16_t *dst = q->x16 + m * q->ldx16 + c0;
-        for (int64_t i = 0; i < n; i++) dst[i] = (int16_t)lrintf(buf[i] * inv);
-        return;
-    }
-    const int64_t nv = n & ~(int64_t)(SUB4 - 1); /* whole 64-column steps of this block */
+    int8_t *dst = q->x8 + m * q->ldx + c0;
+    const int64_t nv = vector_cols(q->bits, n);
     int32_t sum = 0;
-    for (int64_t base = 0; base < nv; base += SUB4) {
-        int8_t *dst = q->x8 + m * q->ldx8 + (c0 + base) * 2; /* 128 bytes per 64-column step */
-        for (int j = 0; j < 32; j++) {
-            const int32_t xe = (int32_t)lrintf(buf[base + 2 * j] * inv);
-            const int32_t xo = (int32_t)lrintf(buf[base + 2 * j + 1] * inv);
-            dst[j] = (int8_t)(xe >> 7);
-            dst[32 + j] = (int8_t)(xo >> 7);
-            dst[64 + j] = (int8_t)(xe & 127);
-            dst[96 + j] = (int8_t)(xo & 127);
-            sum += xe + xo;
+    if (q->bits == 4) {
+        for (int64_t base = 0; base < nv; base += STEP4)
+            for (int j = 0; j < 32; j++) {
+                const int32_t xe = (int32_t)lrintf(buf[base + 2 * j] * inv);
+                const int32_t xo = (int32_t)lrintf(buf[base + 2 * j + 1] * inv);
+                dst[base + j] = (int8_t)xe;
+                dst[base + 32 + j] = (int8_t)xo;
+                sum += xe + xo;
+            }
+    } else {
+        for (int64_t i = 0; i < nv; i++) {
+            const int32_t xi = (int32_t)lrintf(buf[i] * inv);
+            dst[i] = (int8_t)xi;
+            sum += xi;
         }
     }
-    q->xsum[m * q->nblk + b] = sum;
-    int16_t *tail = q->x16 + m * q->ldx16;
-    for (int64_t i = nv; i < n; i++) tail[c0 + i] = (int16_t)lrintf(buf[i] * inv);
+    for (int64_t i = nv; i < n; i++) dst[i] = (int8_t)lrintf(buf[i] * inv);
+    return (float)sum * s;
+}
+
+static void quantize_row_x(const void *x, int dt, int64_t m, xquant_t *q, float *buf) {
+    float off = 0.f;
+    for (int64_t b = 0; b < q->nblk; b++) off += quantize_block(x, dt, m, b, q, buf);
+    q->xoff[m] = off;
 }
 
 /* ------------------------------------------------------------------------------------------------------ */
-/* dot products: NR consecutive weight rows against activation row m                                        */
-/*                                                                                                          */
-/* Several weight rows can share each activation load: the activation digits are 2 bytes per weight against */
-/* half a byte of int4 weight. The AVX512-VNNI kernel (32 registers) takes 4 rows at a time; the AVX2 ones    */
-/* run fastest one row at a time (see AVX2_NR).                                                              */
+/* dot products of one weight row with activation row m (the result still lacks the row's weight scale)    */
 
-#define NR_MAX 4
+typedef float (*dot_fn)(const int8_t *wrow, const xquant_t *q, int64_t m);
 
-typedef void (*dot_fn)(const int8_t *w, int64_t ldw, int nr, const xquant_t *q, int64_t m, float *out);
-
-static void dot_generic(const int8_t *w, int64_t ldw, int nr, const xquant_t *q, int64_t m, float *out) {
-    const int64_t K = q->K;
-    for (int r = 0; r < nr; r++) {
-        const int8_t *wrow = w + r * ldw;
-        float total = 0.f;
-        for (int64_t b = 0; b < q->nblk; b++) {
-            const int64_t c0 = b * QBLK, c1 = c0 + QBLK < K ? c0 + QBLK : K;
-            int32_t acc = 0;
-            if (q->bits == 8) {
-                const int16_t *xr = q->x16 + m * q->ldx16;
-                for (int64_t c = c0; c < c1; c++) acc += (int32_t)wrow[c] * xr[c];
-            } else {
-                const int64_t cv = c0 + ((c1 - c0) & ~(int64_t)(SUB4 - 1));
-                for (int64_t base = c0; base < cv; base += SUB4) {
-                    const int8_t *xp = q->x8 + m * q->ldx8 + base * 2;
-                    for (int i = 0; i < 32; i++) {
-                        const uint8_t byte = (uint8_t)wrow[(base >> 1) + i];
-                        const int32_t xe = 128 * xp[i] + xp[64 + i], xo = 128 * xp[32 + i] + xp[96 + i];
-                        acc += nib_hi(byte) * xe + nib_lo(byte) * xo;
-                    }
-                }
-                const int16_t *xt = q->x16 + m * q->ldx16;
-                for (int64_t c = cv; c < c1; c++) {
-                    const uint8_t byte = (uint8_t)wrow[c >> 1];
-                    acc += ((c & 1) ? nib_lo(byte) : nib_hi(byte)) * (int32_t)xt[c];
-                }
-            }
-            total += (float)acc * q->xs[m * q->nblk + b];
-        }
-        out[r] = total;
-    }
-}
-
-/* Integer dot product of the int4 tail columns [c, c1) (natural order, int16 activations). */
-static inline int32_t tail4(const int8_t *wrow, const int16_t *xt, int64_t c, int64_t c1) {
+/* Integer dot product of the scalar columns [c, c1) of a block (natural order). */
+static inline int32_t tail_dot(const int8_t *wrow, int bits, const int8_t *x, int64_t c, int64_t c1) {
     int32_t t = 0;
     for (; c < c1; c++) {
-        const uint8_t byte = (uint8_t)wrow[c >> 1];
-        t += ((c & 1) ? nib_lo(byte) : nib_hi(byte)) * (int32_t)xt[c];
+        int32_t wq;
+        if (bits == 8)
+            wq = wrow[c];
+        else
+            wq = (c & 1) ? nib_lo((uint8_t)wrow[c >> 1]) : nib_hi((uint8_t)wrow[c >> 1]);
+        t += wq * (int32_t)x[c];
     }
     return t;
+}
+
+static float dot_generic(const int8_t *wrow, const xquant_t *q, int64_t m) {
+    const int64_t K = q->K;
+    const int8_t *x = q->x8 + m * q->ldx;
+    float total = 0.f;
+    for (int64_t b = 0; b < q->nblk; b++) {
+        const int64_t c0 = b * QBLK, c1 = c0 + QBLK < K ? c0 + QBLK : K, cv = c0 + vector_cols(q->bits, c1 - c0);
+        int32_t acc = 0;
+        if (q->bits == 8) {
+            for (int64_t c = c0; c < cv; c++) acc += (int32_t)wrow[c] * x[c];
+        } else {
+            for (int64_t base = c0; base < cv; base += STEP4)
+                for (int j = 0; j < 32; j++) {
+                    const uint8_t byte = (uint8_t)wrow[(base >> 1) + j];
+                    acc += nib_hi(byte) * (int32_t)x[base + j] + nib_lo(byte) * (int32_t)x[base + 32 + j];
+                }
+        }
+        acc += tail_dot(wrow, q->bits, x, cv, c1);
+        total += (float)acc * q->xs[m * q->nblk + b];
+    }
+    return total;
 }
 
 #if CGLM_X86
@@ -271,203 +253,93 @@ __attribute__((target("avx2,fma"))) static inline float hsum256_ps(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-/* int4, AVX2: per 32-byte step, (w ^ 0x88) turns both two's-complement nibbles into offset-binary n = q + 8
- * in [0, 15]; a mask gives the odd-column nibbles, a 16-bit shift plus mask the even-column ones.
- * vpmaddubsw multiplies them with the activation bytes (|pair sum| <= 2*15*128, no saturation); four steps
- * of int16 partial sums (<= 30720) are widened with vpmaddwd by 128 (high bytes) and 1 (low bytes). The +8
- * offset is removed once per block with the activation sum. NR = 1 or 2 rows. */
-#define DEFINE_Q4_AVX2(NR)                                                                                     \
-    __attribute__((target("avx2,fma"))) static void dot4_avx2_##NR(const int8_t *w, int64_t ldw,              \
-                                                                    const xquant_t *q, int64_t m, float *out) { \
-        const int64_t K = q->K;                                                                                \
-        const __m256i k88 = _mm256_set1_epi8((char)0x88), k0f = _mm256_set1_epi8(0x0f);                      \
-        const int8_t *xrow = q->x8 + m * q->ldx8;                                                              \
-        __m256 facc[NR];                                                                                       \
-        float corr[NR];                                                                                        \
-        for (int r = 0; r < NR; r++) {                                                                         \
-            facc[r] = _mm256_setzero_ps();                                                                     \
-            corr[r] = 0.f;                                                                                     \
-        }                                                                                                      \
-        for (int64_t b = 0; b < q->nblk; b++) {                                                                \
-            const int64_t c0 = b * QBLK, c1 = c0 + QBLK < K ? c0 + QBLK : K;                                   \
-            const int64_t s0 = c0 / SUB4, s1 = s0 + (c1 - c0) / SUB4;                                          \
-            __m256i acc[NR];                                                                                   \
-            for (int r = 0; r < NR; r++) acc[r] = _mm256_setzero_si256();                                      \
-            for (int64_t sg = s0; sg < s1; sg += 4) {                                                          \
-                const int64_t se = sg + 4 < s1 ? sg + 4 : s1;                                                  \
-                __m256i ah[NR], al[NR];                                                                        \
-                for (int r = 0; r < NR; r++) ah[r] = al[r] = _mm256_setzero_si256();                           \
-                for (int64_t s = sg; s < se; s++) {                                                            \
-                    const int8_t *xp = xrow + s * 128;                                                         \
-                    const __m256i xhe = _mm256_load_si256((const __m256i *)xp);                                \
-                    const __m256i xho = _mm256_load_si256((const __m256i *)(xp + 32));                         \
-                    const __m256i xle = _mm256_load_si256((const __m256i *)(xp + 64));                         \
-                    const __m256i xlo = _mm256_load_si256((const __m256i *)(xp + 96));                         \
-                    for (int r = 0; r < NR; r++) {                                                             \
-                        const __m256i u = _mm256_xor_si256(                                                    \
-                            _mm256_loadu_si256((const __m256i *)(w + r * ldw + s * 32)), k88);                 \
-                        const __m256i lo = _mm256_and_si256(u, k0f);                                           \
-                        const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(u, 4), k0f);                     \
-                        ah[r] = _mm256_add_epi16(ah[r], _mm256_add_epi16(_mm256_maddubs_epi16(hi, xhe),        \
-                                                                         _mm256_maddubs_epi16(lo, xho)));      \
-                        al[r] = _mm256_add_epi16(al[r], _mm256_add_epi16(_mm256_maddubs_epi16(hi, xle),        \
-                                                                         _mm256_maddubs_epi16(lo, xlo)));      \
-                    }                                                                                          \
-                }                                                                                              \
-                for (int r = 0; r < NR; r++)                                                                   \
-                    acc[r] = _mm256_add_epi32(acc[r],                                                          \
-                                              _mm256_add_epi32(_mm256_madd_epi16(ah[r], _mm256_set1_epi16(128)), \
-                                                               _mm256_madd_epi16(al[r], _mm256_set1_epi16(1)))); \
-            }                                                                                                  \
-            const float xs = q->xs[m * q->nblk + b];                                                           \
-            const int32_t offset = -8 * q->xsum[m * q->nblk + b];                                              \
-            for (int r = 0; r < NR; r++) {                                                                     \
-                facc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r]), _mm256_set1_ps(xs), facc[r]);            \
-                const int32_t t = offset + tail4(w + r * ldw, q->x16 + m * q->ldx16, s1 * SUB4, c1);           \
-                corr[r] += (float)t * xs;                                                                      \
-            }                                                                                                  \
-        }                                                                                                      \
-        for (int r = 0; r < NR; r++) out[r] = hsum256_ps(facc[r]) + corr[r];                                   \
-    }
+/* Shared block loop: INNER(c) accumulates the 32 weight bytes of the vector step at column c into acc, as
+ * int32 lanes (VNNI) or int16 lanes widened once per block (AVX2, WIDEN). OFFSET: 8 (int4) or 128 (int8
+ * VNNI) times the activation sums is subtracted at the end; 0 when the products are exact. */
+#define BLOCK_LOOP(STEP, INNER, WIDEN, OFFSET)                                                                   \
+    const int64_t K = q->K;                                                                                    \
+    const int8_t *x = q->x8 + m * q->ldx;                                                                      \
+    const float *xs = q->xs + m * q->nblk;                                                                     \
+    __m256 facc = _mm256_setzero_ps();                                                                         \
+    float tail = 0.f;                                                                                          \
+    for (int64_t b = 0; b < q->nblk; b++) {                                                                    \
+        const int64_t c0 = b * QBLK, c1 = c0 + QBLK < K ? c0 + QBLK : K;                                       \
+        const int64_t cv = c0 + ((c1 - c0) & ~(int64_t)(STEP - 1));                                            \
+        __m256i acc = _mm256_setzero_si256();                                                                  \
+        for (int64_t c = c0; c < cv; c += STEP) INNER(c);                                                      \
+        facc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(WIDEN(acc)), _mm256_set1_ps(xs[b]), facc);                   \
+        if (cv < c1) tail += (float)tail_dot(wrow, q->bits, x, cv, c1) * xs[b];                                \
+    }                                                                                                          \
+    return hsum256_ps(facc) + tail - (float)(OFFSET) * q->xoff[m];
 
-DEFINE_Q4_AVX2(1)
-DEFINE_Q4_AVX2(2)
+#define WIDEN_I16(a) _mm256_madd_epi16(a, _mm256_set1_epi16(1))
+#define NO_WIDEN(a) (a)
 
-/* int8, AVX2: sign-extend 16 weights to int16 (vpmovsxbw from memory) and vpmaddwd with int16 activations.
- * NR = 1 or 2 rows. */
-#define DEFINE_Q8_AVX2(NR)                                                                                     \
-    __attribute__((target("avx2,fma"))) static void dot8_avx2_##NR(const int8_t *w, int64_t ldw,              \
-                                                                    const xquant_t *q, int64_t m, float *out) { \
-        const int64_t K = q->K;                                                                                \
-        const int16_t *xrow = q->x16 + m * q->ldx16;                                                           \
-        __m256 facc[NR];                                                                                       \
-        float tail[NR];                                                                                        \
-        for (int r = 0; r < NR; r++) {                                                                         \
-            facc[r] = _mm256_setzero_ps();                                                                     \
-            tail[r] = 0.f;                                                                                     \
-        }                                                                                                      \
-        for (int64_t b = 0; b < q->nblk; b++) {                                                                \
-            const int64_t c0 = b * QBLK, c1 = c0 + QBLK < K ? c0 + QBLK : K;                                   \
-            const int64_t cv = c0 + ((c1 - c0) & ~(int64_t)31);                                                \
-            __m256i acc[NR];                                                                                   \
-            for (int r = 0; r < NR; r++) acc[r] = _mm256_setzero_si256();                                      \
-            for (int64_t c = c0; c < cv; c += 32) {                                                            \
-                const __m256i x0 = _mm256_load_si256((const __m256i *)(xrow + c));                             \
-                const __m256i x1 = _mm256_load_si256((const __m256i *)(xrow + c + 16));                        \
-                for (int r = 0; r < NR; r++) {                                                                 \
-                    const int8_t *wp = w + r * ldw + c;                                                        \
-                    const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)wp));             \
-                    const __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(wp + 16)));      \
-                    acc[r] = _mm256_add_epi32(acc[r], _mm256_add_epi32(_mm256_madd_epi16(w0, x0),              \
-                                                                       _mm256_madd_epi16(w1, x1)));            \
-                }                                                                                              \
-            }                                                                                                  \
-            const float xs = q->xs[m * q->nblk + b];                                                           \
-            for (int r = 0; r < NR; r++) {                                                                     \
-                facc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r]), _mm256_set1_ps(xs), facc[r]);            \
-                if (cv < c1) {                                                                                 \
-                    int32_t t = 0;                                                                             \
-                    for (int64_t c = cv; c < c1; c++) t += (int32_t)w[r * ldw + c] * xrow[c];                  \
-                    tail[r] += (float)t * xs;                                                                  \
-                }                                                                                              \
-            }                                                                                                  \
-        }                                                                                                      \
-        for (int r = 0; r < NR; r++) out[r] = hsum256_ps(facc[r]) + tail[r];                                   \
-    }
+/* int4: two 64-column steps per block, each adding two vpmaddubsw results (|pair| <= 2*15*127) to int16
+ * lanes: at most 4 * 3810 = 15240 per lane before the widening. */
+#define Q4_AVX2_STEP(c)                                                                                        \
+    do {                                                                                                       \
+        const __m256i u = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(wrow + (c) / 2)),            \
+                                           _mm256_set1_epi8((char)0x88));                                      \
+        const __m256i lo = _mm256_and_si256(u, _mm256_set1_epi8(0x0f));                                        \
+        const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(u, 4), _mm256_set1_epi8(0x0f));                  \
+        acc = _mm256_add_epi16(acc, _mm256_add_epi16(                                                          \
+            _mm256_maddubs_epi16(hi, _mm256_load_si256((const __m256i *)(x + (c)))),                           \
+            _mm256_maddubs_epi16(lo, _mm256_load_si256((const __m256i *)(x + (c) + 32)))));                    \
+    } while (0)
 
-DEFINE_Q8_AVX2(1)
-DEFINE_Q8_AVX2(2)
+__attribute__((target("avx2,fma"))) static float dot4_avx2(const int8_t *wrow, const xquant_t *q, int64_t m) {
+    BLOCK_LOOP(STEP4, Q4_AVX2_STEP, WIDEN_I16, 8)
+}
 
-/* One row at a time measured faster than two for AVX2 (int8 33 vs 21 GB/s on the 6B stack): with 16
- * registers the two-row version spills. */
-#ifndef AVX2_NR
-#define AVX2_NR 1
-#endif
-static void dot_avx2(const int8_t *w, int64_t ldw, int nr, const xquant_t *q, int64_t m, float *out) {
-    int r = 0;
-    if (AVX2_NR == 1) {
-        for (; r < nr; r++) (q->bits == 4 ? dot4_avx2_1 : dot8_avx2_1)(w + r * ldw, ldw, q, m, out + r);
-        return;
-    }
-    if (q->bits == 4) {
-        for (; r + 2 <= nr; r += 2) dot4_avx2_2(w + r * ldw, ldw, q, m, out + r);
-        if (r < nr) dot4_avx2_1(w + r * ldw, ldw, q, m, out + r);
-    } else {
-        for (; r + 2 <= nr; r += 2) dot8_avx2_2(w + r * ldw, ldw, q, m, out + r);
-        if (r < nr) dot8_avx2_1(w + r * ldw, ldw, q, m, out + r);
-    }
+/* int8: |w| * (sign(w) * x) with vpmaddubsw; |w| <= 128 and |x| <= 127, so pairs fit int16 exactly. */
+#define Q8_AVX2_STEP(c)                                                                                        \
+    do {                                                                                                       \
+        const __m256i wv = _mm256_loadu_si256((const __m256i *)(wrow + (c)));                                  \
+        const __m256i xv = _mm256_load_si256((const __m256i *)(x + (c)));                                      \
+        acc = _mm256_add_epi32(acc, WIDEN_I16(_mm256_maddubs_epi16(_mm256_abs_epi8(wv), _mm256_sign_epi8(xv, wv)))); \
+    } while (0)
+
+__attribute__((target("avx2,fma"))) static float dot8_avx2(const int8_t *wrow, const xquant_t *q, int64_t m) {
+    BLOCK_LOOP(STEP8, Q8_AVX2_STEP, NO_WIDEN, 0)
+}
+
+static float dot_avx2(const int8_t *wrow, const xquant_t *q, int64_t m) {
+    return q->bits == 4 ? dot4_avx2(wrow, q, m) : dot8_avx2(wrow, q, m);
 }
 
 /* ------------------------------------------------------------------------------------------------------ */
-/* AVX512-VNNI on 256-bit registers (Zen 4, Ice Lake and later)                                             */
+/* AVX512-VNNI on 256-bit registers (Zen 4, Ice Lake and later): vpdpbusd accumulates u8 x s8 products     */
+/* straight into int32 lanes, saving the int16 stage and the widening.                                      */
 
-/* Same int4 scheme, but vpdpbusd multiplies unsigned nibbles by signed activation bytes and accumulates
- * straight into int32: no int16 partial sums, no widening. EVEX encoding gives 32 vector registers, enough
- * for 4 rows x 4 product streams of accumulators, so each activation load serves 4 rows. */
 #define VNNI_TARGET "avx2,fma,avx512f,avx512vl,avx512bw,avx512vnni"
 
-#define DEFINE_Q4_VNNI(NR)                                                                                     \
-    __attribute__((target(VNNI_TARGET))) static void dot4_vnni_##NR(const int8_t *w, int64_t ldw,             \
-                                                                     const xquant_t *q, int64_t m, float *out) { \
-        const int64_t K = q->K;                                                                                \
-        const __m256i k88 = _mm256_set1_epi8((char)0x88), k0f = _mm256_set1_epi8(0x0f);                      \
-        const int8_t *xrow = q->x8 + m * q->ldx8;                                                              \
-        __m256 facc[NR];                                                                                       \
-        float corr[NR];                                                                                        \
-        for (int r = 0; r < NR; r++) {                                                                         \
-            facc[r] = _mm256_setzero_ps();                                                                     \
-            corr[r] = 0.f;                                                                                     \
-        }                                                                                                      \
-        for (int64_t b = 0; b < q->nblk; b++) {                                                                \
-            const int64_t c0 = b * QBLK, c1 = c0 + QBLK < K ? c0 + QBLK : K;                                   \
-            const int64_t s0 = c0 / SUB4, s1 = s0 + (c1 - c0) / SUB4;                                          \
-            __m256i a[NR][4];                                                                                  \
-            for (int r = 0; r < NR; r++)                                                                       \
-                for (int i = 0; i < 4; i++) a[r][i] = _mm256_setzero_si256();                                  \
-            for (int64_t s = s0; s < s1; s++) {                                                                \
-                const int8_t *xp = xrow + s * 128;                                                             \
-                const __m256i xhe = _mm256_load_si256((const __m256i *)xp);                                    \
-                const __m256i xho = _mm256_load_si256((const __m256i *)(xp + 32));                             \
-                const __m256i xle = _mm256_load_si256((const __m256i *)(xp + 64));                             \
-                const __m256i xlo = _mm256_load_si256((const __m256i *)(xp + 96));                             \
-                for (int r = 0; r < NR; r++) {                                                                 \
-                    const __m256i u =                                                                          \
-                        _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(w + r * ldw + s * 32)), k88);    \
-                    const __m256i lo = _mm256_and_si256(u, k0f);                                               \
-                    const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(u, 4), k0f);                         \
-                    a[r][0] = _mm256_dpbusd_epi32(a[r][0], hi, xhe);                                           \
-                    a[r][1] = _mm256_dpbusd_epi32(a[r][1], lo, xho);                                           \
-                    a[r][2] = _mm256_dpbusd_epi32(a[r][2], hi, xle);                                           \
-                    a[r][3] = _mm256_dpbusd_epi32(a[r][3], lo, xlo);                                           \
-                }                                                                                              \
-            }                                                                                                  \
-            const float xs = q->xs[m * q->nblk + b];                                                           \
-            const int32_t offset = -8 * q->xsum[m * q->nblk + b];                                              \
-            for (int r = 0; r < NR; r++) {                                                                     \
-                const __m256i ah = _mm256_add_epi32(a[r][0], a[r][1]);                                         \
-                const __m256i al = _mm256_add_epi32(a[r][2], a[r][3]);                                         \
-                const __m256i acc = _mm256_add_epi32(_mm256_slli_epi32(ah, 7), al);                            \
-                facc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc), _mm256_set1_ps(xs), facc[r]);               \
-                const int32_t t = offset + tail4(w + r * ldw, q->x16 + m * q->ldx16, s1 * SUB4, c1);           \
-                corr[r] += (float)t * xs;                                                                      \
-            }                                                                                                  \
-        }                                                                                                      \
-        for (int r = 0; r < NR; r++) out[r] = hsum256_ps(facc[r]) + corr[r];                                   \
-    }
+#define Q4_VNNI_STEP(c)                                                                                        \
+    do {                                                                                                       \
+        const __m256i u = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(wrow + (c) / 2)),            \
+                                           _mm256_set1_epi8((char)0x88));                                      \
+        const __m256i lo = _mm256_and_si256(u, _mm256_set1_epi8(0x0f));                                        \
+        const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(u, 4), _mm256_set1_epi8(0x0f));                  \
+        acc = _mm256_dpbusd_epi32(acc, hi, _mm256_load_si256((const __m256i *)(x + (c))));                     \
+        acc = _mm256_dpbusd_epi32(acc, lo, _mm256_load_si256((const __m256i *)(x + (c) + 32)));                \
+    } while (0)
 
-DEFINE_Q4_VNNI(1)
-DEFINE_Q4_VNNI(2)
-DEFINE_Q4_VNNI(4)
+#define Q8_VNNI_STEP(c)                                                                                        \
+    acc = _mm256_dpbusd_epi32(acc,                                                                             \
+                              _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(wrow + (c))),              \
+                                               _mm256_set1_epi8((char)0x80)),                                  \
+                              _mm256_load_si256((const __m256i *)(x + (c))))
 
-static void dot_vnni(const int8_t *w, int64_t ldw, int nr, const xquant_t *q, int64_t m, float *out) {
-    if (q->bits != 4) { /* int8 is limited by memory bandwidth with AVX2 already */
-        dot_avx2(w, ldw, nr, q, m, out);
-        return;
-    }
-    int r = 0;
-    for (; r + 4 <= nr; r += 4) dot4_vnni_4(w + r * ldw, ldw, q, m, out + r);
-    for (; r + 2 <= nr; r += 2) dot4_vnni_2(w + r * ldw, ldw, q, m, out + r);
-    if (r < nr) dot4_vnni_1(w + r * ldw, ldw, q, m, out + r);
+__attribute__((target(VNNI_TARGET))) static float dot4_vnni(const int8_t *wrow, const xquant_t *q, int64_t m) {
+    BLOCK_LOOP(STEP4, Q4_VNNI_STEP, NO_WIDEN, 8)
+}
+
+__attribute__((target(VNNI_TARGET))) static float dot8_vnni(const int8_t *wrow, const xquant_t *q, int64_t m) {
+    BLOCK_LOOP(STEP8, Q8_VNNI_STEP, NO_WIDEN, 128)
+}
+
+static float dot_vnni(const int8_t *wrow, const xquant_t *q, int64_t m) {
+    return q->bits == 4 ? dot4_vnni(wrow, q, m) : dot8_vnni(wrow, q, m);
 }
 #endif /* CGLM_X86 */
 
@@ -513,6 +385,9 @@ void cglm_force_isa(int isa) {
     g_force_isa = isa < 0 ? -1 : (isa > best ? best : isa);
 }
 
+/* Columns per int8 activation block of the fused path (tests derive their error bound from it). */
+int cglm_activation_block(void) { return QBLK; }
+
 int cglm_openmp(void) {
 #ifdef _OPENMP
     return 1;
@@ -521,32 +396,28 @@ int cglm_openmp(void) {
 #endif
 }
 
-/* y[M, N] = x[M, K] @ dequant(W)^T (+ bias). x/y dtypes: 0 fp32, 1 bf16, 2 fp16. Returns 0 on success. */
 static int xquant_alloc(xquant_t *q, int64_t M, int64_t K, int bits) {
     q->M = M;
     q->K = K;
     q->bits = bits;
     q->nblk = (K + QBLK - 1) / QBLK;
-    q->ldx16 = q->nblk * QBLK;
-    q->ldx8 = bits == 4 ? (K / SUB4) * 128 : 0;
-    /* 64-byte aligned, so no 32-byte activation load splits a cache line (that alone costs ~10%), with
-     * slack at the ends so that vector loads of the last step never leave the allocations */
-    const size_t n16 = (((size_t)(M * q->ldx16 + 32) * sizeof(int16_t)) + 63) & ~(size_t)63;
-    const size_t n8 = ((size_t)(M * q->ldx8 + 64) + 63) & ~(size_t)63;
-    q->x16 = (int16_t *)aligned_alloc(64, n16);
-    q->x8 = (int8_t *)aligned_alloc(64, n8);
-    if (q->x16) memset(q->x16, 0, n16);
+    /* rows 64-byte aligned, so no 32-byte activation load splits a cache line (that alone costs ~10%) */
+    q->ldx = (K + 63) & ~(int64_t)63;
+    q->x8 = (int8_t *)aligned_alloc(64, (size_t)(M * q->ldx));
     q->xs = (float *)malloc((size_t)(M * q->nblk) * sizeof(float));
-    q->xsum = (int32_t *)calloc((size_t)(M * q->nblk), sizeof(int32_t));
-    return q->x16 && q->x8 && q->xs && q->xsum;
+    q->xoff = (float *)malloc((size_t)M * sizeof(float));
+    return q->x8 && q->xs && q->xoff;
 }
 
 static void xquant_free(xquant_t *q) {
-    free(q->x16);
     free(q->x8);
     free(q->xs);
-    free(q->xsum);
+    free(q->xoff);
 }
+
+/* Output rows per scheduling unit: with several activation rows, each weight row is read from DRAM once and
+ * reused from L1 for every activation row. */
+#define ROWS_PER_GROUP 4
 
 /* y[M, N] = x[M, K] @ dequant(W)^T (+ bias). x/y dtypes: 0 fp32, 1 bf16, 2 fp16. Returns 0 on success. */
 int cglm_qlinear(const void *x, int xdt, int64_t M, int64_t K, const int8_t *w, int bits, const float *scale,
@@ -567,7 +438,7 @@ int cglm_qlinear(const void *x, int xdt, int64_t M, int64_t K, const int8_t *w, 
     }
     /* Dynamic chunks of row groups rather than one static range per thread: if another process takes a core,
      * the other threads pick up its rows instead of idling at the join. Chunks stay large enough to stream. */
-    const int64_t ngroups = (N + NR_MAX - 1) / NR_MAX;
+    const int64_t ngroups = (N + ROWS_PER_GROUP - 1) / ROWS_PER_GROUP;
     int64_t chunk = ngroups / ((int64_t)nthreads * 8);
     if (chunk < 4) chunk = 4;
     int failed = 0;
@@ -580,11 +451,11 @@ int cglm_qlinear(const void *x, int xdt, int64_t M, int64_t K, const int8_t *w, 
         if (private_x) {
             ok = xquant_alloc(&local, M, K, bits);
             if (ok)
-                for (int64_t t = 0; t < M * local.nblk; t++) quantize_block(x, xdt, t / local.nblk, t % local.nblk, &local, buf);
+                for (int64_t m = 0; m < M; m++) quantize_row_x(x, xdt, m, &local, buf);
             q = &local;
         } else {
 #pragma omp for schedule(static)
-            for (int64_t t = 0; t < M * shared.nblk; t++) quantize_block(x, xdt, t / shared.nblk, t % shared.nblk, &shared, buf);
+            for (int64_t m = 0; m < M; m++) quantize_row_x(x, xdt, m, &shared, buf);
         }
         if (!ok) {
 #pragma omp atomic write
@@ -593,16 +464,10 @@ int cglm_qlinear(const void *x, int xdt, int64_t M, int64_t K, const int8_t *w, 
 #pragma omp for schedule(dynamic, chunk)
         for (int64_t g = 0; g < ngroups; g++) {
             if (!ok) continue;
-            const int64_t n0 = g * NR_MAX;
-            const int nr = (int)(N - n0 < NR_MAX ? N - n0 : NR_MAX);
-            float r[NR_MAX];
-            for (int64_t m = 0; m < M; m++) {
-                dot(w + n0 * ldw, ldw, nr, q, m, r);
-                for (int j = 0; j < nr; j++) {
-                    const int64_t n = n0 + j;
-                    store_elem(y, ydt, m * N + n, r[j] * scale[n] + (bias ? bias[n] : 0.f));
-                }
-            }
+            const int64_t n0 = g * ROWS_PER_GROUP, n1 = n0 + ROWS_PER_GROUP < N ? n0 + ROWS_PER_GROUP : N;
+            for (int64_t m = 0; m < M; m++)
+                for (int64_t n = n0; n < n1; n++)
+                    store_elem(y, ydt, m * N + n, dot(w + n * ldw, q, m) * scale[n] + (bias ? bias[n] : 0.f));
         }
         if (private_x) xquant_free(&local);
     }
