@@ -338,3 +338,56 @@ def test_rmsnorm_equals_the_original_fp32_formula_rounded_once(dtype):
     variance = x.to(torch.float32).pow(2).mean(-1, keepdim=True)
     original = (norm.weight * (x * torch.rsqrt(variance + norm.eps))).to(dtype)
     assert torch.equal(norm(x), original)
+
+
+def test_growing_kv_layer_appends_in_place_and_matches_concatenation():
+    from chatglm.modeling_utils import KVCache
+
+    generator = torch.Generator().manual_seed(0)
+    cache = KVCache()
+    keys, values = [], []
+    pointers = set()
+    for step, length in enumerate([300] + [1] * 100 + [7]):  # prompt, tokens (through a regrowth), a chunk
+        k = torch.randn(2, 3, length, 8, generator=generator)
+        v = torch.randn(2, 3, length, 8, generator=generator)
+        keys.append(k)
+        values.append(v)
+        got_k, got_v = cache.update(k, v, 0)
+        assert torch.equal(got_k, torch.cat(keys, dim=2)) and torch.equal(got_v, torch.cat(values, dim=2))
+        pointers.add(got_k.data_ptr())
+    assert cache.get_seq_length() == 407
+    assert len(pointers) <= 3  # storage reallocated only when full, not per step
+
+    cache.crop(-7)  # keeps a view of the first 400: the next update writes after them
+    k = torch.randn(2, 3, 1, 8, generator=generator)
+    got_k, _ = cache.update(k, k, 0)
+    assert got_k.shape[2] == 401 and torch.equal(got_k[:, :, :400], torch.cat(keys, dim=2)[:, :, :400])
+    assert torch.equal(got_k[:, :, 400:], k)
+
+    cache.batch_select_indices(torch.tensor([1]))  # replaces the tensors: the layer regrows from them
+    got_k, _ = cache.update(k[1:], k[1:], 0)
+    assert got_k.shape == (1, 3, 402, 8) and torch.equal(got_k[0, :, 401:], k[1])
+
+
+def test_growing_kv_layer_concatenates_tensors_that_need_gradients():
+    from chatglm.modeling_utils import KVCache
+
+    cache = KVCache()
+    k = torch.randn(1, 2, 4, 8, requires_grad=True)
+    got_k, got_v = cache.update(k, k * 2, 0)
+    got_k2, _ = cache.update(k, k * 2, 0)
+    (got_k.sum() + got_k2.sum()).backward()  # no in-place write into a tensor saved for backward
+    assert torch.equal(k.grad, torch.full_like(k, 3.0))
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_single_query_full_head_attention_equals_sdpa(dtype, tolerance):
+    from chatglm.layers import attention
+
+    generator = torch.Generator().manual_seed(4)
+    query = torch.randn(2, 4, 1, 16, generator=generator).to(dtype)
+    storage = torch.randn(2, 2, 4, 40, 16, generator=generator).to(dtype)
+    key, value = storage[0, :, :, :33], storage[1, :, :, :33]  # strided views, as the growing KV cache hands out
+    expected = torch.nn.functional.scaled_dot_product_attention(query.float(), key.float(), value.float())
+    got = attention(query, key, value, None, False)
+    torch.testing.assert_close(got.float(), expected.transpose(1, 2).flatten(2), atol=tolerance, rtol=tolerance)

@@ -55,9 +55,9 @@ KernelFn = Callable[["QuantizedLinear", torch.Tensor], torch.Tensor]
 
 # From this many input rows on, the CPU kernel switches from the fused dot product (memory-bound for one row,
 # cost grows with every row) to dequantized tiles + float matmul (compute-bound, dequantization paid once).
-# Crossover measured on the 27392 x 4096 MLP matrix (bench/bench_kernels.py --crossover): about 24-32 rows
-# for int4 and 16 for int8.
-PREFILL_MIN_ROWS = {4: 32, 8: 16}
+# Crossover measured on the 27392 x 4096 MLP matrix (bench/bench_kernels.py --crossover, int8 activations):
+# about 32-40 rows for int4 and 20-24 for int8.
+PREFILL_MIN_ROWS = {4: 32, 8: 24}
 # Output rows per dequantized tile in the prefill path: big enough for an efficient matmul, small enough that
 # the scratch tile (rows x in_features in bf16/fp32) stays a few MB instead of a full float weight.
 _TILE_ROWS = 1024
