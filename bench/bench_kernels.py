@@ -3,7 +3,7 @@
 A stack of 28 blocks with the real QKV / dense / MLP shapes is filled with random packed weights, and one
 "token" runs the 112 quantized Linear layers in sequence plus the float LM head, as decoding does; a 512-row
 input stands in for prefill. Every kernel that can run here is timed in the same process next to a bf16
-``nn.Linear`` baseline, and the memory-bandwidth bound is printed with it.
+``chatglm.layers.Linear`` baseline (the model's float layer), and the memory-bandwidth bound is printed with it.
 
     python bench/bench_kernels.py                       # ChatGLM2-6B shapes, int4 and int8, all kernels
     python bench/bench_kernels.py --model v1 --bits 4 --kernels cpu
@@ -20,7 +20,6 @@ import gc
 import time
 
 import torch
-import torch.nn.functional as F
 from _common import (
     SHAPES,
     Shape6B,
@@ -33,6 +32,7 @@ from _common import (
 )
 
 import chatglm.quantization as Q
+from chatglm.layers import Linear
 from chatglm.quantization import cpu_kernel
 
 
@@ -47,8 +47,8 @@ def random_quantized(out_features: int, in_features: int, bits: int, dtype: torc
     return m
 
 
-def random_float(out_features: int, in_features: int, dtype: torch.dtype) -> torch.nn.Linear:
-    lin = torch.nn.Linear(in_features, out_features, bias=False, device="meta", dtype=dtype)
+def random_float(out_features: int, in_features: int, dtype: torch.dtype) -> Linear:
+    lin = Linear(in_features, out_features, bias=False, device="meta", dtype=dtype)
     lin.weight = torch.nn.Parameter(torch.empty(out_features, in_features, dtype=dtype).uniform_(-0.02, 0.02),
                                     requires_grad=False)
     return lin
@@ -118,7 +118,7 @@ def main() -> None:
     ap.add_argument("--prefill-tokens", type=int, default=512)
     ap.add_argument("--prefill-layers", type=int, default=2, help="blocks timed for prefill (x28 extrapolated)")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--no-baseline", action="store_true", help="skip the bf16 nn.Linear baseline (11 GB)")
+    ap.add_argument("--no-baseline", action="store_true", help="skip the bf16 Linear baseline (11 GB)")
     ap.add_argument("--crossover", action="store_true", help="kernel timings against input row count instead")
     args = ap.parse_args()
 
@@ -141,7 +141,7 @@ def main() -> None:
     # The float LM head is read for every token whatever the quantization: time it once, add it to every row.
     head = random_float(shape.vocab, shape.hidden, dtype)
     x1 = torch.randn(1, shape.hidden, dtype=dtype)
-    head_s = best_time(lambda: F.linear(x1, head.weight), repeats=5)
+    head_s = best_time(lambda: head(x1), repeats=5)
     head_bytes = head.weight.numel() * head.weight.element_size()
     print(f"LM head {shape.vocab}x{shape.hidden} {args.dtype}: {head_s * 1e3:.1f} ms "
           f"({head_bytes / head_s / 1e9:.1f} GB/s), included in decode tokens/s below")
