@@ -83,6 +83,9 @@ def test_ctrl_c_stops_the_answer_and_keeps_the_session() -> None:
         child.expect_exact(PROMPT, timeout=30)
         # Ctrl-C at the prompt only drops the line being typed.
         child.send("half a question")
+        # Wait for readline's echo, as a person would see the text: a Ctrl-C sent in the instant before
+        # readline has set up the terminal makes the tty flush the line and readline wait for more input.
+        child.expect_exact("half a question")
         child.sendintr()
         child.expect_exact("Ctrl-C again")
         child.expect_exact(PROMPT)
